@@ -1,0 +1,56 @@
+"""User-facing configuration of the BDIA rewrite."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from bdia_fx.errors import ConversionError
+
+_ALLOWED_GAMMAS = (-0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class BDIAConfig:
+    """How a residual chain is turned into a BDIA chain.
+
+    Args:
+        frac_bits: fractional bits ``l`` of the fixed-point grid (values are multiples of 2^-l).
+        gammas: the set γ is drawn from, uniformly, per sample per block. Only ±½ keep the
+            update exactly invertible with one side bit; ``(0.5,)`` or ``(-0.5,)`` fix γ.
+        granularity: ``"block"`` (one step per repeated block module, the paper's choice).
+        mode: ``"reversible"`` (store x_K, x_{K-1} and side bits, recompute on backward) or
+            ``"stored"`` (the same forward under ordinary autograd: the reference).
+        verify: store a checksum of every block's output codes in forward and check the
+            recompute against it in backward, raising :class:`ReversibilityError` naming the block.
+        quantize_eval: in ``.eval()`` run x_{k+1} = Q[f_k(x_k)]; ``False`` runs the original blocks.
+        batch_dim: dim of the stream tensor that indexes samples (γ is drawn per sample);
+            ``None`` infers it (1 when a block has ``batch_first=False``, else 0).
+    """
+
+    frac_bits: int = 9
+    gammas: tuple[float, ...] = (-0.5, 0.5)
+    granularity: Literal["block"] = "block"
+    mode: Literal["reversible", "stored"] = "reversible"
+    verify: bool = False
+    quantize_eval: bool = True
+    batch_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.frac_bits, int) or not 0 <= self.frac_bits <= 20:
+            raise ConversionError(f"BDIAConfig.frac_bits must be an int in [0, 20], got {self.frac_bits!r}")
+        gammas = tuple(float(g) for g in self.gammas)
+        if not gammas or any(g not in _ALLOWED_GAMMAS for g in gammas):
+            raise ConversionError(
+                f"BDIAConfig.gammas must be a non-empty subset of {_ALLOWED_GAMMAS}, got {self.gammas!r}: "
+                "only γ = ±½ make Q[γx] exact with one side bit per element"
+            )
+        object.__setattr__(self, "gammas", gammas)
+        if self.granularity != "block":
+            raise ConversionError(
+                f"BDIAConfig.granularity={self.granularity!r} is not supported by this version; use 'block'"
+            )
+        if self.mode not in ("reversible", "stored"):
+            raise ConversionError(f"BDIAConfig.mode must be 'reversible' or 'stored', got {self.mode!r}")
+        if self.batch_dim is not None and self.batch_dim not in (0, 1):
+            raise ConversionError(f"BDIAConfig.batch_dim must be 0, 1 or None, got {self.batch_dim!r}")

@@ -1,0 +1,152 @@
+"""``convert`` / ``find_chains``: capture, find chains, and install the BDIA chain runtime.
+
+Design (see README "How it works"): the converted model is a structural copy of the user's
+model (same classes, same Parameter objects) whose parent modules keep running eagerly, so
+``.train()``/``.eval()``, any batch size or sequence length and any call pattern work. The graph
+is captured with ``torch.export`` for analysis: chains are found and checked on the captured
+graph once per training call pattern (argument names, tensor ranks, non-tensor values), cached.
+Each chain's blocks become proxies that hand their calls to one :class:`ChainRuntime`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import fx, nn
+from torch.utils._pytree import tree_flatten
+
+from bdia_fx.config import BDIAConfig
+from bdia_fx.errors import ConversionError
+from bdia_fx.module_tree import infer_batch_dim, install_proxy, original_class, shallow_clone
+from bdia_fx.passes.capture import capture
+from bdia_fx.passes.chains import find_chains_in_graph
+from bdia_fx.passes.rewrite import rewrite_chains
+from bdia_fx.report import ChainReport
+from bdia_fx.runtime import ChainRuntime, capture_mode, capturing
+
+_STATE_ATTR = "_bdia_state"
+
+
+@dataclasses.dataclass
+class ConvertedState:
+    """What a converted model carries: config, report, runtimes and checked call patterns."""
+
+    config: BDIAConfig
+    report: ChainReport | None = None
+    graph: fx.GraphModule | None = None
+    runtimes: dict[str, ChainRuntime] = dataclasses.field(default_factory=dict)
+    patterns: set = dataclasses.field(default_factory=set)
+
+
+def state_of(model: nn.Module) -> ConvertedState:
+    """The :class:`ConvertedState` of a converted model; ConversionError if it was not converted."""
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is None:
+        raise ConversionError(f"{type(model).__name__} was not converted with bdia_fx.convert", module="")
+    return state
+
+
+def find_chains(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict | None = None) -> ChainReport:
+    """Capture ``model(*example_inputs, **example_kwargs)`` and report its residual chains.
+
+    Nothing is changed on ``model`` (the capture runs on a structural copy in training mode).
+    """
+    _check_module(model)
+    clone = shallow_clone(model)
+    with capture_mode():
+        ep = capture(clone, tuple(example_inputs), example_kwargs)
+    return find_chains_in_graph(ep, clone)
+
+
+def convert(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict | None = None,
+            config: BDIAConfig | None = None) -> nn.Module:
+    """Return a BDIA-training version of ``model`` sharing its parameters.
+
+    The result has ``model``'s class, call signature, outputs and ``state_dict()`` keys. In
+    ``.train()`` every residual chain runs as a reversible BDIA chain (random γ ∈ ``config.gammas``
+    per sample per block); in ``.eval()`` as the γ = 0 chain (the original model, quantized when
+    ``config.quantize_eval``). With example inputs the chains are found and checked now; without,
+    at the first call. Raises :class:`ConversionError` naming the module/node and the reason,
+    before anything is changed; ``model`` itself is never modified.
+    """
+    _check_module(model)
+    if _STATE_ATTR in model.__dict__:
+        raise ConversionError(f"{type(model).__name__} is already converted; convert the original model", module="")
+    config = config if config is not None else BDIAConfig()
+    if not isinstance(config, BDIAConfig):
+        raise ConversionError(f"config must be a BDIAConfig, got {type(config).__name__}")
+    clone = shallow_clone(model)
+    state = ConvertedState(config)
+    clone.__dict__[_STATE_ATTR] = state
+    if example_inputs or example_kwargs:
+        _plan(clone, state, tuple(example_inputs), dict(example_kwargs or {}))
+    clone.register_forward_pre_hook(_before_call, with_kwargs=True)
+    return clone
+
+
+def _check_module(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise ConversionError(f"expected an nn.Module, got {type(model).__name__}")
+
+
+def _pattern_key(args: tuple, kwargs: dict) -> tuple:
+    leaves, spec = tree_flatten((args, kwargs))
+    described = tuple(("tensor", leaf.dtype, leaf.dim()) if hasattr(leaf, "dim") else repr(leaf) for leaf in leaves)
+    return str(spec), described
+
+
+def _before_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    if capturing():
+        return None
+    state = state_of(module)
+    if module.training and kwargs.get("use_cache") is True:
+        raise ConversionError(
+            "use_cache=True in training: a key/value cache keeps every block's activations, which a "
+            "reversible chain does not; call with use_cache=False", module="")
+    if not state.runtimes or (module.training and _pattern_key(args, kwargs) not in state.patterns):
+        _plan(module, state, args, kwargs)
+    return None
+
+
+def _plan(model: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) -> None:
+    """Capture this call pattern, check its chains, and install runtimes on first use."""
+    with capture_mode():
+        ep = capture(model, args, kwargs)
+    report = find_chains_in_graph(ep, model)
+    _refuse_if_unconvertible(report)
+    if not state.runtimes:
+        modules = dict(model.named_modules())
+        for chain in report.chains:
+            blocks = [modules[p] for p in chain.block_paths]
+            batch_dim = state.config.batch_dim if state.config.batch_dim is not None else infer_batch_dim(blocks)
+            runtime = ChainRuntime(
+                chain.container, chain.block_paths, blocks, [original_class(b) for b in blocks],
+                state.config, batch_dim, [b.random for b in chain.blocks],
+            )
+            for index, block in enumerate(blocks):
+                install_proxy(block, runtime, index)
+            state.runtimes[chain.container] = runtime
+        state.report = report
+        state.graph = rewrite_chains(ep, model, report, state.config)
+    else:
+        found = {c.container: c.block_paths for c in report.chains}
+        known = {name: r.block_paths for name, r in state.runtimes.items()}
+        if found != known:
+            raise ConversionError(
+                f"this call pattern has chains {found}, but the model was converted with {known}; "
+                "convert again for this kind of call", module="")
+        for chain in report.chains:
+            runtime = state.runtimes[chain.container]
+            runtime.random_blocks = [a or b.random for a, b in zip(runtime.random_blocks, chain.blocks)]
+    state.patterns.add(_pattern_key(args, kwargs))
+
+
+def _refuse_if_unconvertible(report: ChainReport) -> None:
+    if report.rejections:
+        first = report.rejections[0]
+        more = f" (and {len(report.rejections) - 1} more; see bdia_fx.find_chains)" if len(report.rejections) > 1 else ""
+        raise ConversionError(first.reason + more, module=first.module, node=first.node)
+    if not report.chains:
+        ignored = "; ".join(f"'{n}': {why}" for n, why in report.ignored) or "no module with numbered child blocks"
+        raise ConversionError(f"no residual block chain found in {report.model} ({ignored})", module="")

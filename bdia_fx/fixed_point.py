@@ -1,0 +1,110 @@
+"""Fixed-point codes, exact Q[γx] with one side bit, and the BDIA update and its inverse.
+
+Pure tensor math, no graph code. Codes are int32 tensors: ``code(x) = round(x · 2^l)``.
+A code is exact as a float of the stream's dtype only while ``|code| < 2^(mantissa+1)``
+(2^24 for float32); :func:`exact_code_limit` gives that bound and :func:`to_codes` enforces it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bdia_fx.errors import FixedPointRangeError
+
+_INT32_LIMIT = 2**31 - 1
+
+
+def exact_code_limit(dtype: torch.dtype) -> int:
+    """Largest |code| whose float value in ``dtype`` is exact and which fits in int32."""
+    mantissa = round(-math.log2(torch.finfo(dtype).eps)) + 1
+    return min(2**mantissa, _INT32_LIMIT)
+
+
+def to_codes(x: torch.Tensor, frac_bits: int, where: str = "") -> torch.Tensor:
+    """``round(x · 2^l)`` as int32; raise :class:`FixedPointRangeError` outside the exact range."""
+    scaled = torch.round(x * (2.0**frac_bits))
+    _check_range(scaled, x.dtype, frac_bits, where)
+    return scaled.to(torch.int32)
+
+
+def check_codes(codes: torch.Tensor, dtype: torch.dtype, frac_bits: int, where: str = "") -> None:
+    """Raise :class:`FixedPointRangeError` if integer ``codes`` are not exact in ``dtype``."""
+    _check_range(codes, dtype, frac_bits, where)
+
+
+def _check_range(codes: torch.Tensor, dtype: torch.dtype, frac_bits: int, where: str) -> None:
+    limit = exact_code_limit(dtype)
+    peak = codes.abs().amax() if codes.numel() else codes.new_zeros(())
+    if not bool(peak < limit):  # also catches NaN and inf
+        value = float(peak) / 2.0**frac_bits
+        raise FixedPointRangeError(
+            f"fixed-point overflow: |x| reached {value:.6g}, beyond the exact range |x| < "
+            f"2^{limit.bit_length() - 1 - frac_bits} = {limit / 2.0**frac_bits:.6g} of {dtype} codes at "
+            f"frac_bits={frac_bits}; lower BDIAConfig.frac_bits or rescale the stream",
+            module=where or None,
+        )
+
+
+def from_codes(codes: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The float values ``code · 2^-l`` (exact for codes within :func:`exact_code_limit`)."""
+    return codes.to(dtype) * (2.0**-frac_bits)
+
+
+def quantize(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
+    """Q[x] = round(x · 2^l) / 2^l in x's dtype (no range check: the γ = 0 / export form)."""
+    scale = 2.0**frac_bits
+    return torch.round(x * scale) / scale
+
+
+def side_bits(codes: torch.Tensor) -> torch.Tensor:
+    """The non-negative remainder ``code mod 2`` (``& 1``, never ``fmod``) as int32."""
+    return codes & 1
+
+
+def half_term(codes: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Codes of Q[γx] for γ = sign/2: ``γ (a − s)``, an exact integer."""
+    return sign * ((codes - side_bits(codes)) >> 1)
+
+
+def bdia_forward(a: torch.Tensor, b: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """x_{k+1} codes from x_{k-1} codes ``a`` and the update codes ``b``: ``γ(a − s) + b``."""
+    return half_term(a, sign) + b
+
+
+def bdia_inverse(c: torch.Tensor, b: torch.Tensor, sign: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """x_{k-1} codes from x_{k+1} codes ``c``, update codes ``b`` and side bits: ``(c − b)/γ + s``."""
+    return 2 * sign * (c - b) + bits
+
+
+def update_value(f: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """(1−γ)x + (1+γ)h(x) written with the block output f = x + h(x): ``(1+γ)f − 2γx``."""
+    return (1.0 + gamma) * f - (2.0 * gamma) * x
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Pack a 0/1 tensor 8 elements per byte (uint8, little-endian bit order)."""
+    flat = bits.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: int32 0/1 tensor of ``shape``."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(1) >> shifts) & 1
+    numel = 1
+    for size in shape:
+        numel *= size
+    return bits.reshape(-1)[:numel].to(torch.int32).view(shape)
+
+
+def checksum(codes: torch.Tensor) -> torch.Tensor:
+    """A cheap order-sensitive int64 fingerprint of a code tensor (two sums, wrap-around)."""
+    flat = codes.reshape(-1).to(torch.int64)
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.int64, device=flat.device) % 8191
+    return torch.stack([flat.sum(), (flat * weights).sum()])

@@ -1,0 +1,84 @@
+"""Structural copies of module trees and the block proxies the chain runtime works through."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import nn
+
+_HOOK_DICTS = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+    "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)
+
+
+def shallow_clone(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
+    """A new module tree with the same classes, attributes, parameters and buffers (shared objects).
+
+    Every module object is new, so swapping classes, modes or hooks on the copy leaves the
+    original untouched, while ``Parameter`` and buffer objects are the very same (tied weights
+    stay tied, an optimizer over either trains both).
+    """
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+    clone = copy.copy(module)
+    memo[id(module)] = clone
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    clone._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    for name in _HOOK_DICTS:
+        if name in module.__dict__:
+            clone.__dict__[name] = copy.copy(module.__dict__[name])
+    clone._modules = {name: (shallow_clone(child, memo) if child is not None else None)
+                      for name, child in module._modules.items()}
+    return clone
+
+
+_PROXY_CLASSES: dict[type, type] = {}
+
+
+def _proxy_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return self._bdia_runtime.run_block(self._bdia_index, self, args, kwargs)
+
+
+def proxy_class(cls: type) -> type:
+    """A subclass of ``cls`` whose ``forward`` hands the call to the block's chain runtime."""
+    if cls not in _PROXY_CLASSES:
+        _PROXY_CLASSES[cls] = type(cls.__name__, (cls,), {
+            "forward": _proxy_forward,
+            "_bdia_original_class": cls,
+            "__module__": cls.__module__,
+            "__qualname__": f"{cls.__qualname__}[bdia]",
+        })
+    return _PROXY_CLASSES[cls]
+
+
+def install_proxy(block: nn.Module, runtime: Any, index: int) -> None:
+    """Route ``block``'s calls to ``runtime`` (state_dict keys and parameters are unchanged)."""
+    block.__class__ = proxy_class(original_class(block))
+    block._bdia_runtime = runtime
+    block._bdia_index = index
+
+
+def remove_proxy(block: nn.Module) -> None:
+    """Undo :func:`install_proxy`."""
+    block.__class__ = original_class(block)
+    for name in ("_bdia_runtime", "_bdia_index"):
+        block.__dict__.pop(name, None)
+
+
+def original_class(block: nn.Module) -> type:
+    return getattr(type(block), "_bdia_original_class", type(block))
+
+
+def infer_batch_dim(blocks: list[nn.Module]) -> int:
+    """1 if any block (or its submodules) says ``batch_first=False``, else 0."""
+    for block in blocks:
+        for module in block.modules():
+            if getattr(module, "batch_first", True) is False:
+                return 1
+    return 0

@@ -1,0 +1,254 @@
+"""Analysis pass: find residual block chains in a captured graph.
+
+A chain is a run of sibling block modules (children ``prefix.0``, ``prefix.1``, ... of one
+module) such that, in the graph, each block maps a stream value x to ``x + branch`` through
+a path of add nodes, and each block's output is the next block's stream input. Nodes are
+assigned to blocks by ``node.meta["nn_module_stack"]``. No model-specific code or class names.
+
+The pass marks block nodes with ``node.meta[BLOCK_META_KEY] = (container, index)`` and returns a
+:class:`~bdia_fx.report.ChainReport`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from bdia_fx.report import BlockInfo, ChainInfo, ChainReport, Rejection, SideInput
+
+BLOCK_META_KEY = "bdia_block"
+
+_ADD_TARGETS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
+
+
+@dataclass
+class _BlockScan:
+    path: str
+    nodes: list[fx.Node]
+    stream_in: fx.Node | None = None
+    stream_out: fx.Node | None = None
+    side_inputs: tuple[fx.Node, ...] = ()
+    skip_path: tuple[fx.Node, ...] = ()
+    problem: tuple[str | None, str] | None = None  # (node name, reason)
+
+
+def _module_paths(node: fx.Node) -> set[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return {path for path, _ in stack.values()}
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return tuple(int(s) if isinstance(s, int) else -1 for s in val.shape)
+    return None
+
+
+def _side_input(node: fx.Node) -> SideInput:
+    val = node.meta.get("val")
+    dtype = str(val.dtype).replace("torch.", "") if isinstance(val, torch.Tensor) else None
+    return SideInput(node.name, _shape(node), dtype)
+
+
+def _is_mutating(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
+
+
+def _is_random(node: fx.Node) -> bool:
+    tags = getattr(node.target, "tags", ())
+    return torch.Tag.nondeterministic_seeded in tags
+
+
+def _candidate_containers(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """Modules with numbered children (ModuleList / Sequential style), shallowest first."""
+    found = []
+    for name, module in model.named_modules():
+        numbered = sorted((int(child), child) for child, _ in module.named_children() if child.isdigit())
+        if numbered:
+            prefix = f"{name}." if name else ""
+            found.append((name, [prefix + child for _, child in numbered]))
+    found.sort(key=lambda item: item[0].count(".") if item[0] else -1)
+    return found
+
+
+def _find_skip_path(out: fx.Node, members: set[fx.Node], inputs: list[fx.Node], want: fx.Node | None):
+    """Adds from ``out`` back to a block input of the same shape: the residual skip path."""
+    shape = _shape(out)
+
+    def walk(node: fx.Node, path: tuple[fx.Node, ...]):
+        if node not in members:
+            ok = node is want if want is not None else (node in inputs and _shape(node) == shape)
+            return (node, path) if ok else None
+        if node.target not in _ADD_TARGETS:
+            return None
+        for arg in node.args[:2]:
+            if isinstance(arg, fx.Node):
+                hit = walk(arg, path + (node,))
+                if hit is not None:
+                    return hit
+        return None
+
+    return walk(out, ())
+
+
+def _scan_block(path: str, nodes: list[fx.Node], params: set[str], want: fx.Node | None) -> _BlockScan:
+    scan = _BlockScan(path, nodes)
+    members = set(nodes)
+    inputs: list[fx.Node] = []
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg not in members and arg not in inputs and not (arg.op == "placeholder" and arg.name in params) and arg.op != "get_attr":
+                inputs.append(arg)
+    outputs = [n for n in nodes if any(user not in members for user in n.users)]
+    if len(outputs) != 1:
+        names = ", ".join(n.name for n in outputs) or "none"
+        scan.problem = (
+            outputs[-1].name if outputs else None,
+            f"block passes {len(outputs)} values out ({names}); only the residual stream may leave a block "
+            "(returned caches, attention weights or values shared with later blocks)",
+        )
+        return scan
+    out = outputs[0]
+    scan.stream_out = out
+    if out.target not in _ADD_TARGETS:
+        scan.problem = (
+            out.name,
+            f"block output is {out.target} (node '{out.name}'), not a residual add: a post-LN block "
+            "(normalisation after the add) is not x + h(x), so BDIA cannot apply",
+        )
+        return scan
+    hit = _find_skip_path(out, members, inputs, want)
+    if hit is None:
+        scan.problem = (out.name, "block output is not x + h(x): no path of adds leads back to the stream input")
+        return scan
+    scan.stream_in, scan.skip_path = hit[0], hit[1]
+    scan.side_inputs = tuple(n for n in inputs if n is not scan.stream_in)
+    stream_values = set(scan.skip_path) | {scan.stream_in}
+    for node in nodes:
+        if _is_mutating(node) and node.args and node.args[0] in stream_values:
+            scan.problem = (node.name, f"in-place op {node.target} (node '{node.name}') on the residual stream")
+            return scan
+        if _is_mutating(node) and node.args and isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder" and node.args[0].name in params:
+            scan.problem = (node.name, f"block updates state '{node.args[0].name}' in place in training "
+                            "(e.g. BatchNorm statistics); a recompute would update it twice")
+            return scan
+    return scan
+
+
+def _blocks_of(graph: fx.Graph, paths: list[str]) -> dict[str, list[fx.Node]]:
+    wanted = set(paths)
+    found: dict[str, list[fx.Node]] = {p: [] for p in paths}
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        for path in _module_paths(node) & wanted:
+            found[path].append(node)
+    return found
+
+
+def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module) -> ChainReport:
+    """Find the residual chains of ``model`` in its exported program ``ep`` (training mode)."""
+    graph = ep.graph
+    sig = ep.graph_signature
+    params = set(sig.inputs_to_parameters) | set(sig.inputs_to_buffers) | set(sig.inputs_to_lifted_tensor_constants)
+    mutated_buffers = set(getattr(sig, "buffers_to_mutate", {}).values())
+    report = ChainReport(model=type(model).__name__)
+    claimed: list[str] = []  # block paths of accepted or rejected chains; nested containers skip
+    order = {node: i for i, node in enumerate(graph.nodes)}
+
+    for container, paths in _candidate_containers(model):
+        if any(container == p or container.startswith(p + ".") for p in claimed):
+            continue
+        members = _blocks_of(graph, paths)
+        called = [p for p in paths if members[p]]
+        if not called:
+            continue
+        called.sort(key=lambda p: order[members[p][0]])
+        scans: list[_BlockScan] = []
+        for path in called:
+            want = scans[-1].stream_out if scans and scans[-1].problem is None else None
+            scans.append(_scan_block(path, members[path], params, want))
+        linked = [scans[i].stream_in is not None and scans[i].stream_in is scans[i - 1].stream_out for i in range(1, len(scans))]
+        residual = [s for s in scans if s.problem is None or "post-LN" in s.problem[1] or "in-place" in s.problem[1]]
+        if len(scans) > 1 and not any(linked) and not _feeds(scans):
+            report.ignored.append((container, "its numbered children do not feed one another"))
+            continue
+        if len(scans) == 1 and not residual:
+            report.ignored.append((container, "a single child that is not a residual block"))
+            continue
+        claimed.extend(called)
+        rejection = _chain_problem(container, scans, linked, mutated_buffers)
+        if rejection is not None:
+            report.rejections.append(rejection)
+            continue
+        for index, scan in enumerate(scans):
+            for node in scan.nodes:
+                node.meta[BLOCK_META_KEY] = (container, index)
+        report.chains.append(
+            ChainInfo(
+                container=container,
+                blocks=tuple(
+                    BlockInfo(
+                        path=s.path,
+                        stream_in=s.stream_in.name,
+                        stream_out=s.stream_out.name,
+                        side_inputs=tuple(_side_input(n) for n in s.side_inputs),
+                        random=any(_is_random(n) for n in s.nodes),
+                        n_nodes=len(s.nodes),
+                    )
+                    for s in scans
+                ),
+            )
+        )
+    return report
+
+
+def _feeds(scans: list[_BlockScan]) -> bool:
+    """Whether any block's values reach the next block (even through other ops)."""
+    for prev, nxt in zip(scans, scans[1:]):
+        prev_nodes = set(prev.nodes)
+        frontier = [a for n in nxt.nodes for a in n.all_input_nodes if a not in set(nxt.nodes)]
+        seen: set[fx.Node] = set()
+        while frontier:
+            node = frontier.pop()
+            if node in prev_nodes:
+                return True
+            if node in seen or node.op == "placeholder":
+                continue
+            seen.add(node)
+            frontier.extend(node.all_input_nodes)
+    return False
+
+
+def _chain_problem(container: str, scans: list[_BlockScan], linked: list[bool], mutated_buffers: set[str]) -> Rejection | None:
+    for scan in scans:
+        if scan.problem is not None:
+            return Rejection(container, scan.path, scan.problem[0], scan.problem[1])
+        for buffer in mutated_buffers:
+            if buffer.startswith(scan.path + "."):
+                return Rejection(container, scan.path, None, f"block updates buffer '{buffer}' in training "
+                                 "(e.g. BatchNorm statistics); a recompute would update it twice")
+    if len(scans) < 2:
+        return Rejection(container, scans[0].path, None, f"fewer than 2 blocks ({len(scans)}): BDIA needs a chain of at least 2")
+    for i, ok in enumerate(linked):
+        if not ok:
+            got = scans[i + 1].stream_in.name if scans[i + 1].stream_in is not None else "?"
+            return Rejection(
+                container, scans[i + 1].path, got,
+                f"stream input '{got}' is not the previous block's output '{scans[i].stream_out.name}': "
+                "the parent transforms the stream between blocks",
+            )
+    for prev, nxt in zip(scans, scans[1:]):
+        taps = [u for u in prev.stream_out.users if u not in set(nxt.nodes)]
+        if taps:
+            names = ", ".join(u.name for u in taps)
+            return Rejection(
+                container, prev.path, prev.stream_out.name,
+                f"stream value '{prev.stream_out.name}' between '{prev.path}' and '{nxt.path}' is also used by "
+                f"{names} outside the chain (output_hidden_states or a layer-wise tap); "
+                "intermediate stream values are not kept by a reversible chain",
+            )
+    return None
