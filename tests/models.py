@@ -1,0 +1,73 @@
+"""Small models used across the tests (built from configs, no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PreLNBlock(nn.Module):
+    """A hand-written pre-LN GPT block: x + attn(ln1 x), then + mlp(ln2 x)."""
+
+    def __init__(self, d: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyGPT(nn.Module):
+    """Token + position embeddings, K pre-LN blocks taking a causal mask, final LN and head."""
+
+    def __init__(self, vocab: int = 50, d: int = 32, heads: int = 4, layers: int = 4, max_len: int = 64,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(max_len, d)
+        self.blocks = nn.ModuleList(PreLNBlock(d, heads, dropout) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        x = self.tok(ids) + self.pos(torch.arange(t, device=ids.device))
+        mask = torch.triu(torch.full((t, t), float("-inf"), device=ids.device), diagonal=1)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.head(self.ln_f(x))
+
+
+def encoder(layers: int = 4, d: int = 32, batch_first: bool = True, norm_first: bool = True,
+            dropout: float = 0.0) -> nn.TransformerEncoder:
+    layer = nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=dropout, batch_first=batch_first, norm_first=norm_first)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+
+def gpt2(layers: int = 3, d: int = 32, dropout: float = 0.1):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=layers, n_embd=d, n_head=4, vocab_size=64, n_positions=64,
+                     resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg)
+
+
+def vit(layers: int = 3, d: int = 32):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=d, num_hidden_layers=layers,
+                    num_attention_heads=4, intermediate_size=2 * d, num_labels=10)
+    return ViTForImageClassification(cfg)
+
+
+def bert(layers: int = 2, d: int = 32):
+    from transformers import BertConfig, BertModel
+
+    return BertModel(BertConfig(vocab_size=64, hidden_size=d, num_hidden_layers=layers, num_attention_heads=4,
+                                intermediate_size=2 * d, max_position_embeddings=64))

@@ -1,0 +1,208 @@
+"""The chain runtime against independent references: stored autograd, SPEC §2 in plain autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bdia_fx
+from bdia_fx import BDIAConfig
+from bdia_fx.convert import state_of
+
+from models import TinyGPT, encoder, gpt2, vit
+
+L = 9
+
+
+def _grads(model, args, kwargs, seed, loss_of, extra=()):
+    model.train()
+    torch.manual_seed(seed)
+    loss = loss_of(model(*args, **kwargs))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return loss.detach(), torch.autograd.grad(loss, [*params, *extra])
+
+
+def _assert_close(got, want):
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def _loss_sum(out):
+    return (out.logits if hasattr(out, "logits") else out).pow(2).mean()
+
+
+CASES = {
+    "encoder-batch-first": (lambda: encoder(4, batch_first=True, dropout=0.1), lambda: (torch.randn(3, 7, 32),), {}),
+    "encoder-seq-first": (lambda: encoder(4, batch_first=False, dropout=0.1), lambda: (torch.randn(7, 3, 32),), {}),
+    "tiny-gpt-dropout": (lambda: TinyGPT(layers=5, dropout=0.1), lambda: (torch.randint(0, 50, (3, 9)),), {}),
+    "hf-gpt2": (lambda: gpt2(3), lambda: (torch.randint(0, 64, (2, 8)),), {"use_cache": False}),
+    "hf-vit": (lambda: vit(3), lambda: (torch.randn(2, 1, 16, 16),), {}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_reversible_gradients_equal_stored_reference(case):
+    make, make_args, kwargs = CASES[case]
+    torch.manual_seed(0)
+    model = make()
+    args = make_args()
+    x_grad = args[0].is_floating_point()
+    if x_grad:
+        args = (args[0].requires_grad_(),)
+    extra = args[:1] if x_grad else ()
+    rev = bdia_fx.convert(model, args, kwargs, BDIAConfig(mode="reversible", verify=True))
+    ref = bdia_fx.convert(model, args, kwargs, BDIAConfig(mode="stored"))
+    loss_r, g_rev = _grads(rev, args, kwargs, 7, _loss_sum, extra)
+    loss_s, g_ref = _grads(ref, args, kwargs, 7, _loss_sum, extra)
+    assert torch.equal(loss_r, loss_s)
+    assert any(g.abs().sum() > 0 for g in g_rev)
+    _assert_close(g_rev, g_ref)
+
+
+class _Q(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v):
+        return torch.round(v * 2**L) / 2**L
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _HalfQ(torch.autograd.Function):
+    """Q[γ x] for x on the grid, γ = ±½: floor(a/2) resp. −floor(a/2) codes, gradient γ."""
+
+    @staticmethod
+    def forward(ctx, x, gamma):
+        ctx.gamma = gamma
+        a = torch.round(x * 2**L)
+        return torch.floor(a / 2) * (1 if gamma > 0 else -1) / 2**L
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.gamma, None
+
+
+def _spec_chain(layers, x, gamma):
+    """SPEC §2 training forward written out with plain autograd (γ fixed for every sample)."""
+    prev = _Q.apply(x)
+    cur = _Q.apply(layers[0](prev))
+    for layer in layers[1:]:
+        update = (1 + gamma) * layer(cur) - 2 * gamma * cur
+        prev, cur = cur, _HalfQ.apply(prev, gamma) + _Q.apply(update)
+    return cur
+
+
+@pytest.mark.parametrize("gamma", [0.5, -0.5])
+@pytest.mark.parametrize("mode", ["reversible", "stored"])
+def test_fixed_gamma_equals_spec_reference_in_plain_autograd(gamma, mode):
+    torch.manual_seed(1)
+    model = encoder(5, dropout=0.0)
+    x = torch.randn(2, 6, 32, requires_grad=True)
+    conv = bdia_fx.convert(model, (x,), config=BDIAConfig(gammas=(gamma,), mode=mode))
+    conv.train()
+    model.train()
+    out = conv(x)
+    ref = _spec_chain(list(model.layers), x, gamma)
+    assert torch.equal(out, ref)
+    params = list(model.parameters())
+    got = torch.autograd.grad(out.pow(2).mean(), [x, *params])
+    want = torch.autograd.grad(ref.pow(2).mean(), [x, *params])
+    _assert_close(got, want)
+
+
+def test_backward_rebuilds_every_stream_value_bit_exactly_with_dropout():
+    torch.manual_seed(2)
+    model = TinyGPT(layers=12, dropout=0.2)
+    ids = torch.randint(0, 50, (4, 10))
+    conv = bdia_fx.convert(model, (ids,))
+    runtime = state_of(conv).runtimes["blocks"]
+    assert all(runtime.random_blocks)
+    runtime.code_trace = {"forward": [], "backward": []}
+    conv.train()
+    conv(ids).sum().backward()
+    forward, backward = runtime.code_trace["forward"], runtime.code_trace["backward"]
+    assert len(forward) == 13 and len(backward) == 11  # x_0 … x_12 ; rebuilt x_10 … x_0
+    for k, rebuilt in zip(range(10, -1, -1), backward):
+        assert rebuilt.dtype == torch.int32
+        assert torch.equal(rebuilt, forward[k]), f"x_{k} not rebuilt exactly"
+
+
+def test_gamma_is_drawn_per_sample_on_the_batch_dim():
+    torch.manual_seed(3)
+    model = encoder(3, batch_first=False)
+    x = torch.randn(5, 16, 32)
+    conv = bdia_fx.convert(model, (x,))
+    runtime = state_of(conv).runtimes["layers"]
+    assert runtime.batch_dim == 1
+    conv.train()
+    signs = runtime._draw_signs(x)
+    assert signs.shape == (2, 16) and set(signs.unique().tolist()) == {-1, 1}
+
+
+class _NoisyBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1  # a block whose recompute differs from its forward
+        return x + self.lin(x) * (1.0 + 1e-3 * self.calls)
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self, n=3):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_NoisyBlock() for _ in range(n))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_verify_names_a_non_deterministic_block():
+    model = _Stack()
+    x = torch.randn(4, 8)
+    conv = bdia_fx.convert(model, (x,), config=BDIAConfig(verify=True))
+    conv.train()
+    out = conv(x.requires_grad_())
+    with pytest.raises(bdia_fx.ReversibilityError, match=r"layers\.2.*not deterministic"):
+        out.sum().backward()
+
+
+def test_inputs_beyond_the_exact_range_raise_a_clear_error():
+    model = encoder(3)
+    x = torch.randn(2, 4, 32)
+    conv = bdia_fx.convert(model, (x,))
+    conv.train()
+    with pytest.raises(bdia_fx.FixedPointRangeError, match=r"layers\.0.*exact range"):
+        conv(x * 1e6)
+
+
+def test_eval_without_quantization_is_the_original_model_bit_for_bit():
+    torch.manual_seed(4)
+    model = gpt2(3)
+    ids = torch.randint(0, 64, (2, 8))
+    conv = bdia_fx.convert(model, (ids,), {"use_cache": False}, BDIAConfig(quantize_eval=False))
+    conv.eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(conv(ids).logits, model(ids).logits)
+
+
+def test_eval_with_quantization_is_the_gamma_zero_chain():
+    torch.manual_seed(5)
+    model = encoder(4)
+    x = torch.randn(2, 6, 32)
+    conv = bdia_fx.convert(model, (x,))
+    conv.eval()
+    model.eval()
+    with torch.no_grad():
+        got = conv(x)
+        want = _Q.apply(x)
+        for layer in model.layers:
+            want = _Q.apply(layer(want))
+        assert torch.equal(got, want)
+        assert (got - model(x)).abs().max() < 4 * 2.0**-L * len(model.layers)
