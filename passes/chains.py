@@ -32,6 +32,7 @@ class _BlockScan:
     side_inputs: tuple[fx.Node, ...] = ()
     skip_path: tuple[fx.Node, ...] = ()
     problem: tuple[str | None, str] | None = None  # (node name, reason)
+    residual_like: bool = False  # a residual block BDIA refuses (post-LN, in-place), not a non-block
 
 
 def _module_paths(node: fx.Node) -> set[str]:
@@ -63,13 +64,13 @@ def _is_random(node: fx.Node) -> bool:
 
 
 def _candidate_containers(model: nn.Module) -> list[tuple[str, list[str]]]:
-    """Modules with numbered children (ModuleList / Sequential style), shallowest first."""
+    """Modules whose numbered children (ModuleList / Sequential style) share one class, shallowest first."""
     found = []
     for name, module in model.named_modules():
-        numbered = sorted((int(child), child) for child, _ in module.named_children() if child.isdigit())
-        if numbered:
+        numbered = sorted((int(child), child, type(sub)) for child, sub in module.named_children() if child.isdigit())
+        if numbered and len({cls for _, _, cls in numbered}) == 1:
             prefix = f"{name}." if name else ""
-            found.append((name, [prefix + child for _, child in numbered]))
+            found.append((name, [prefix + child for _, child, _ in numbered]))
     found.sort(key=lambda item: item[0].count(".") if item[0] else -1)
     return found
 
@@ -114,11 +115,13 @@ def _scan_block(path: str, nodes: list[fx.Node], params: set[str], want: fx.Node
     out = outputs[0]
     scan.stream_out = out
     if out.target not in _ADD_TARGETS:
-        scan.problem = (
-            out.name,
-            f"block output is {out.target} (node '{out.name}'), not a residual add: a post-LN block "
-            "(normalisation after the add) is not x + h(x), so BDIA cannot apply",
-        )
+        after_add = any(isinstance(a, fx.Node) and a.target in _ADD_TARGETS for a in out.args)
+        if after_add and "norm" in str(out.target):
+            why = "a post-LN block (normalisation after the residual add) is not x + h(x), so BDIA cannot apply"
+            scan.residual_like = True
+        else:
+            why = "the block is not x + h(x)"
+        scan.problem = (out.name, f"block output is {out.target} (node '{out.name}'), not a residual add: {why}")
         return scan
     hit = _find_skip_path(out, members, inputs, want)
     if hit is None:
@@ -130,6 +133,7 @@ def _scan_block(path: str, nodes: list[fx.Node], params: set[str], want: fx.Node
     for node in nodes:
         if _is_mutating(node) and node.args and node.args[0] in stream_values:
             scan.problem = (node.name, f"in-place op {node.target} (node '{node.name}') on the residual stream")
+            scan.residual_like = True
             return scan
         if _is_mutating(node) and node.args and isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder" and node.args[0].name in params:
             scan.problem = (node.name, f"block updates state '{node.args[0].name}' in place in training "
@@ -172,7 +176,7 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module) -> 
             want = scans[-1].stream_out if scans and scans[-1].problem is None else None
             scans.append(_scan_block(path, members[path], params, want))
         linked = [scans[i].stream_in is not None and scans[i].stream_in is scans[i - 1].stream_out for i in range(1, len(scans))]
-        residual = [s for s in scans if s.problem is None or "post-LN" in s.problem[1] or "in-place" in s.problem[1]]
+        residual = [s for s in scans if s.problem is None or s.residual_like]
         if len(scans) > 1 and not any(linked) and not _feeds(scans):
             report.ignored.append((container, "its numbered children do not feed one another"))
             continue

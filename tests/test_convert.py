@@ -1,0 +1,157 @@
+"""The conversion contract: same interface, shared weights, untouched original, clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import bdia_fx
+from bdia_fx import BDIAConfig, ConversionError
+
+from models import TinyGPT, bert, encoder, gpt2
+
+
+def _snapshot(model):
+    return ([type(m) for m in model.modules()], [m.training for m in model.modules()],
+            {k: v.clone() for k, v in model.state_dict().items()})
+
+
+def _assert_untouched(model, snap):
+    classes, flags, state = _snapshot(model)
+    assert classes == snap[0] and flags == snap[1]
+    assert state.keys() == snap[2].keys() and all(torch.equal(state[k], snap[2][k]) for k in state)
+
+
+def test_converted_model_keeps_class_keys_and_shares_parameters():
+    model = gpt2(3)
+    ids = torch.randint(0, 64, (2, 8))
+    snap = _snapshot(model)
+    conv = bdia_fx.convert(model, (ids,), {"use_cache": False})
+    assert type(conv) is type(model)
+    assert conv.state_dict().keys() == model.state_dict().keys()
+    assert all(a is b for a, b in zip(conv.parameters(), model.parameters()))
+    assert conv.lm_head.weight is conv.transformer.wte.weight
+    _assert_untouched(model, snap)
+
+
+def test_trains_with_an_optimizer_across_shapes_and_call_patterns():
+    torch.manual_seed(0)
+    model = gpt2(3)
+    conv = bdia_fx.convert(model, (torch.randint(0, 64, (2, 8)),), {"use_cache": False})
+    opt = torch.optim.AdamW(conv.parameters(), lr=1e-3)
+    conv.train()
+    for batch, length in [(2, 8), (3, 12), (1, 5)]:
+        ids = torch.randint(0, 64, (batch, length))
+        for kwargs in ({"labels": ids}, {"labels": ids, "attention_mask": torch.ones_like(ids)}):
+            out = conv(ids, use_cache=False, **kwargs)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+            assert out.logits.shape == (batch, length, 64)
+    conv.eval()
+    with torch.no_grad():
+        assert conv(torch.randint(0, 64, (4, 6))).logits.shape == (4, 6, 64)
+
+
+def test_a_plain_checkpoint_loads_into_the_converted_model():
+    model, other = gpt2(3), gpt2(3)
+    conv = bdia_fx.convert(model, (torch.randint(0, 64, (2, 8)),), {"use_cache": False})
+    conv.load_state_dict(other.state_dict(), strict=True)
+    assert torch.equal(model.transformer.h[0].attn.c_attn.weight, other.transformer.h[0].attn.c_attn.weight)
+
+
+def test_several_chains_with_a_cross_attention_side_input():
+    torch.manual_seed(1)
+    layer_kw = dict(d_model=32, nhead=4, dim_feedforward=64, dropout=0.1, batch_first=True, norm_first=True)
+    model = nn.Transformer(num_encoder_layers=3, num_decoder_layers=3, **layer_kw)
+    src, tgt = torch.randn(2, 7, 32, requires_grad=True), torch.randn(2, 5, 32)
+    report = bdia_fx.find_chains(model, (src, tgt))
+    assert [c.container for c in report.chains] == ["encoder.layers", "decoder.layers"]
+    assert report.chains[1].side_inputs, "decoder blocks read the encoder memory"
+    grads = {}
+    for mode in ("reversible", "stored"):
+        conv = bdia_fx.convert(model, (src, tgt), config=BDIAConfig(mode=mode))
+        conv.train()
+        torch.manual_seed(3)
+        out = conv(src, tgt)
+        grads[mode] = torch.autograd.grad(out.pow(2).mean(), [src, *model.parameters()])
+    for a, b in zip(grads["reversible"], grads["stored"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _assert_refused(model, args, kwargs=None, match="", config=None):
+    snap = _snapshot(model)
+    with pytest.raises(ConversionError, match=match):
+        bdia_fx.convert(model, args, kwargs, config)
+    _assert_untouched(model, snap)
+
+
+def test_refuses_post_ln_transformer_encoder():
+    _assert_refused(encoder(3, norm_first=False), (torch.randn(2, 5, 32),), match=r"layers\.0.*post-LN")
+
+
+def test_refuses_post_ln_bert():
+    _assert_refused(bert(2), (torch.randint(0, 64, (2, 6)),), match=r"encoder\.layer\.0.*post-LN")
+
+
+def test_refuses_fewer_than_two_blocks():
+    _assert_refused(TinyGPT(layers=1), (torch.randint(0, 50, (2, 6)),), match="fewer than 2 blocks")
+
+
+class _InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln, self.lin = nn.LayerNorm(8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        x += self.lin(self.ln(x))
+        return x
+
+
+def test_refuses_in_place_ops_on_the_stream():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(_InPlace(), _InPlace(), _InPlace()))
+    _assert_refused(model, (torch.randn(2, 8),), match=r"1\.0.*in-place op aten\.add_")
+
+
+def test_refuses_output_hidden_states_at_convert_and_call_time():
+    model = gpt2(3)
+    ids = torch.randint(0, 64, (2, 8))
+    _assert_refused(model, (ids,), {"use_cache": False, "output_hidden_states": True}, match="output_hidden_states")
+    conv = bdia_fx.convert(model, (ids,), {"use_cache": False})
+    conv.train()
+    with pytest.raises(ConversionError, match="output_hidden_states"):
+        conv(ids, use_cache=False, output_hidden_states=True)
+    conv.eval()
+    with torch.no_grad():  # eval is the γ = 0 chain: every intermediate value exists
+        assert len(conv(ids, output_hidden_states=True).hidden_states) == 4
+
+
+def test_refuses_use_cache_in_training():
+    conv = bdia_fx.convert(gpt2(3), (torch.randint(0, 64, (2, 8)),), {"use_cache": False})
+    conv.train()
+    with pytest.raises(ConversionError, match="use_cache=True in training"):
+        conv(torch.randint(0, 64, (2, 8)), use_cache=True)
+
+
+def test_refuses_non_modules_and_double_conversion():
+    with pytest.raises(ConversionError, match="expected an nn.Module"):
+        bdia_fx.convert(lambda x: x)
+    model = encoder(2)
+    conv = bdia_fx.convert(model, (torch.randn(2, 3, 32),))
+    with pytest.raises(ConversionError, match="already converted"):
+        bdia_fx.convert(conv)
+
+
+def test_config_rejects_gammas_that_break_exactness():
+    with pytest.raises(ConversionError, match="gammas"):
+        BDIAConfig(gammas=(0.25,))
+
+
+def test_lazy_conversion_finds_chains_at_the_first_call():
+    model = encoder(3)
+    conv = bdia_fx.convert(model)
+    conv.train()
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    conv(x).sum().backward()
+    assert x.grad is not None
