@@ -162,6 +162,7 @@ class ChainRuntime:
         self.batch_dim = batch_dim
         self.random_blocks = list(random_blocks)
         self.code_trace: dict[str, list[torch.Tensor]] | None = None  # set by bdia_fx.check_exactness
+        self.last_state_nbytes = 0  # bytes the last reversible call kept for backward
         self._state: Any = None
         self._last_out: torch.Tensor | None = None
         self._index = 0
@@ -289,6 +290,7 @@ class ChainRuntime:
                     seen.add(id(leaf))
                     sides.append(leaf)
         params = self._trainable_params()
+        self.last_state_nbytes = st.nbytes()
         return _BDIAChainFunction.apply(self, st, len(sides), x_in, *sides, *params)
 
     def _trainable_params(self) -> list[nn.Parameter]:

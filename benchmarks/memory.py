@@ -1,0 +1,137 @@
+"""Memory and time of one training step: plain vs checkpoint per block vs bdia_fx, side by side.
+
+Method (shared/BENCHMARKS.md): saved-for-backward bytes via saved_tensors_hooks plus the BDIA
+chain state; peak RSS in a fresh process per configuration (MALLOC_MMAP_THRESHOLD_=65536, VmHWM
+reset through /proc/self/clear_refs) over the baseline after model creation; step time as the
+median of N steps after 2 warm-ups, all methods interleaved in this one process, as ratios to plain.
+
+    python benchmarks/memory.py [--layers 4 8 12 24] [--steps 5] [--json results/memory.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.utils.checkpoint as checkpoint
+from torch import nn
+
+import bdia_fx
+from bdia_fx.memory import saved_activation_bytes
+
+METHODS = ("plain", "checkpoint", "bdia", "bdia-stored")
+B, T, D, HEADS = 8, 64, 256, 4
+
+
+class Checkpointed(nn.Module):
+    """The same encoder with torch.utils.checkpoint (non-reentrant) around every block."""
+
+    def __init__(self, encoder: nn.TransformerEncoder):
+        super().__init__()
+        self.layers = encoder.layers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = checkpoint.checkpoint(layer, x, use_reentrant=False)
+        return x
+
+
+def build(method: str, layers: int) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(D, HEADS, 4 * D, dropout=0.0, batch_first=True, norm_first=True)
+    model = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+    x = torch.randn(B, T, D)
+    if method == "checkpoint":
+        model = Checkpointed(model)
+    elif method.startswith("bdia"):
+        mode = "stored" if method == "bdia-stored" else "reversible"
+        model = bdia_fx.convert(model, (x,), config=bdia_fx.BDIAConfig(mode=mode))
+    return model.train(), x
+
+
+def step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x.requires_grad_()).pow(2).mean()
+
+
+def _vm_hwm() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found")
+
+
+def measure_memory(method: str, layers: int) -> dict:
+    """Run in a fresh process: saved bytes and peak RSS delta of one step."""
+    model, x = build(method, layers)
+    for _ in range(2):
+        step(model, x.detach().clone()).backward()
+    model.zero_grad(set_to_none=True)
+    saved = saved_activation_bytes(model, lambda: step(model, x.detach().clone()))
+    model.zero_grad(set_to_none=True)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _vm_hwm()
+    step(model, x.detach().clone()).backward()
+    return {"saved_bytes": saved, "peak_bytes": _vm_hwm() - base}
+
+
+def measure_times(layers: int, steps: int) -> dict[str, float]:
+    built = {m: build(m, layers) for m in METHODS}
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    for i in range(steps + 2):
+        for method, (model, x) in built.items():
+            start = time.perf_counter()
+            step(model, x.detach().clone()).backward()
+            if i >= 2:
+                times[method].append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+    return {m: statistics.median(v) for m, v in times.items()}
+
+
+def memory_in_fresh_process(method: str, layers: int) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, __file__, "--one", method, str(layers)], env=env,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 12, 24])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--one", nargs=2, metavar=("METHOD", "K"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    if args.one:
+        print(json.dumps(measure_memory(args.one[0], int(args.one[1]))))
+        return
+    rows = []
+    print(f"one training step, B={B} T={T} d={D} heads={HEADS} MLP 4d, fp32, {torch.get_num_threads()} threads")
+    print(f"{'K':>3} {'method':<12} {'saved MiB':>10} {'peak MiB':>9} {'peak/plain':>10} {'time/plain':>10} {'time/ckpt':>9}")
+    for layers in args.layers:
+        times = measure_times(layers, args.steps)
+        mem = {m: memory_in_fresh_process(m, layers) for m in METHODS}
+        for m in METHODS:
+            row = {"K": layers, "method": m, **mem[m], "step_s": times[m],
+                   "peak_vs_plain": mem[m]["peak_bytes"] / mem["plain"]["peak_bytes"],
+                   "time_vs_plain": times[m] / times["plain"], "time_vs_checkpoint": times[m] / times["checkpoint"]}
+            rows.append(row)
+            print(f"{layers:>3} {m:<12} {row['saved_bytes'] / 2**20:>10.2f} {row['peak_bytes'] / 2**20:>9.1f} "
+                  f"{row['peak_vs_plain']:>10.2f} {row['time_vs_plain']:>10.2f} {row['time_vs_checkpoint']:>9.2f}",
+                  flush=True)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
