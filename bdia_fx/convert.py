@@ -37,6 +37,7 @@ class ConvertedState:
     graph: fx.GraphModule | None = None
     runtimes: dict[str, ChainRuntime] = dataclasses.field(default_factory=dict)
     patterns: set = dataclasses.field(default_factory=set)
+    hook_id: int | None = None  # the root forward pre-hook that plans and checks call patterns
 
 
 def state_of(model: nn.Module) -> ConvertedState:
@@ -44,6 +45,19 @@ def state_of(model: nn.Module) -> ConvertedState:
     state = model.__dict__.get(_STATE_ATTR)
     if state is None:
         raise ConversionError(f"{type(model).__name__} was not converted with bdia_fx.convert", module="")
+    return state
+
+
+def is_converted(model: nn.Module) -> bool:
+    """Whether ``model`` came out of :func:`convert`."""
+    return _STATE_ATTR in model.__dict__
+
+
+def detach_state(clone: nn.Module) -> ConvertedState:
+    """Remove the conversion state and the root hook from a structural copy of a converted model."""
+    state = clone.__dict__.pop(_STATE_ATTR)
+    for hooks in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"):
+        getattr(clone, hooks).pop(state.hook_id, None)
     return state
 
 
@@ -71,7 +85,7 @@ def convert(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict |
     before anything is changed; ``model`` itself is never modified.
     """
     _check_module(model)
-    if _STATE_ATTR in model.__dict__:
+    if is_converted(model):
         raise ConversionError(f"{type(model).__name__} is already converted; convert the original model", module="")
     config = config if config is not None else BDIAConfig()
     if not isinstance(config, BDIAConfig):
@@ -81,7 +95,7 @@ def convert(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict |
     clone.__dict__[_STATE_ATTR] = state
     if example_inputs or example_kwargs:
         _plan(clone, state, tuple(example_inputs), dict(example_kwargs or {}))
-    clone.register_forward_pre_hook(_before_call, with_kwargs=True)
+    state.hook_id = clone.register_forward_pre_hook(_before_call, with_kwargs=True).id
     return clone
 
 

@@ -29,3 +29,7 @@ class ReversibilityError(ConversionError):
 
 class FixedPointRangeError(ConversionError):
     """A chain value left the range in which its fixed-point code is exact."""
+
+
+class ExportError(RuntimeError):
+    """An ONNX export could not be written, or the written file disagrees with PyTorch."""

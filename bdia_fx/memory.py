@@ -1,11 +1,17 @@
-"""Measure the activation memory a training step keeps for backward."""
+"""Measure (and predict) the activation memory a training step keeps for backward."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from bdia_fx.module_tree import original_class, proxy_class, shallow_clone
+from bdia_fx.report import ChainReport
 
 
 def saved_activation_bytes(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> int:
@@ -18,9 +24,9 @@ def saved_activation_bytes(model: nn.Module, loss_fn: Callable[[], torch.Tensor]
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in param_ptrs:
-            storages[storage.data_ptr()] = storage.nbytes()
+        pointer = _data_pointer(t)
+        if pointer is not None and pointer not in param_ptrs:
+            storages[pointer] = t.untyped_storage().nbytes()
         return t
 
     runtimes = []
@@ -34,3 +40,102 @@ def saved_activation_bytes(model: nn.Module, loss_fn: Callable[[], torch.Tensor]
     total = sum(storages.values()) + sum(r.last_state_nbytes for r in runtimes)
     loss.backward()
     return total
+
+
+def _data_pointer(t: torch.Tensor) -> int | None:
+    """The storage address of a real tensor; None for the fake tensors of a graph capture."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError:
+        return None
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Saved-for-backward bytes of one training step, predicted from one plain forward."""
+
+    outside_chains: int             # activations saved by the modules around the chains
+    chain_blocks: dict[str, int]    # per chain: bytes all its blocks save under plain autograd
+    chain_streams: dict[str, tuple[int, int]]  # per chain: (elements, bytes) of one stream tensor
+    chain_lengths: dict[str, int]
+    chain_random_blocks: dict[str, int]  # blocks whose RNG state is kept for replay
+
+    @property
+    def plain(self) -> int:
+        return self.outside_chains + sum(self.chain_blocks.values())
+
+    @property
+    def checkpoint(self) -> int:
+        """Per-block ``torch.utils.checkpoint``: each block keeps only its input."""
+        return self.outside_chains + sum(k * self.chain_streams[c][1] for c, k in self.chain_lengths.items())
+
+    @property
+    def bdia(self) -> int:
+        """x_K and x_{K-1} in full, K-1 packed side-bit tensors (1 bit per element), RNG states.
+
+        (The γ signs, 4 bytes per sample per block, are left out.)
+        """
+        rng_state = torch.get_rng_state().numel()
+        total = self.outside_chains
+        for chain, k in self.chain_lengths.items():
+            elements, nbytes = self.chain_streams[chain]
+            total += 2 * nbytes + (k - 1) * math.ceil(elements / 8) + self.chain_random_blocks[chain] * rng_state
+        return total
+
+
+def estimate_saved_bytes(model: nn.Module, report: ChainReport, loss_fn: Callable[[], torch.Tensor]) -> MemoryEstimate:
+    """Predict plain / checkpoint / BDIA saved bytes from one plain forward of ``loss_fn()``.
+
+    ``model`` is the unconverted model and ``report`` its :func:`bdia_fx.find_chains` report;
+    saved tensors are attributed to the block running when autograd saves them.
+    """
+    modules = dict(model.named_modules())
+    owner: dict[str, str] = {path: chain.container for chain in report.chains for path in chain.block_paths}
+    running: list[str] = []
+    per_chain = {chain.container: 0 for chain in report.chains}
+    streams: dict[str, tuple[int, int]] = {}
+    seen: dict[int, str] = {}
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    handles = []
+    for path, chain in owner.items():
+        def enter(module, args, kwargs, _path=path, _chain=chain):
+            running.append(_path)
+            stream = next((a for a in tree_flatten((args, kwargs))[0]
+                           if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+            if stream is not None:
+                streams[_chain] = (stream.numel(), stream.numel() * stream.element_size())
+        handles.append(modules[path].register_forward_pre_hook(enter, with_kwargs=True))
+        handles.append(modules[path].register_forward_hook(lambda *_: running.pop() and None))
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        pointer = _data_pointer(t)
+        if pointer is not None and pointer not in param_ptrs:
+            seen[pointer] = (owner[running[-1]] if running else "", t.untyped_storage().nbytes())
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss_fn()
+    finally:
+        for handle in handles:
+            handle.remove()
+    outside = 0
+    for chain, nbytes in seen.values():
+        if chain:
+            per_chain[chain] += nbytes
+        else:
+            outside += nbytes
+    lengths = {chain.container: len(chain.blocks) for chain in report.chains}
+    random = {chain.container: sum(b.random for b in chain.blocks) for chain in report.chains}
+    return MemoryEstimate(outside, per_chain, streams, lengths, random)
+
+
+def checkpoint_blocks(model: nn.Module, report: ChainReport) -> nn.Module:
+    """A structural copy of ``model`` (shared parameters) running every chain block under
+    ``torch.utils.checkpoint`` — the usual per-block checkpointing, for comparisons."""
+    clone = shallow_clone(model)
+    modules = dict(clone.named_modules())
+    for chain in report.chains:
+        for path in chain.block_paths:
+            modules[path].__class__ = proxy_class(original_class(modules[path]), "checkpoint")
+    return clone

@@ -38,23 +38,44 @@ def shallow_clone(module: nn.Module, memo: dict[int, nn.Module] | None = None) -
     return clone
 
 
-_PROXY_CLASSES: dict[type, type] = {}
+_PROXY_CLASSES: dict[tuple[type, str], type] = {}
 
 
-def _proxy_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+def _chain_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return self._bdia_runtime.run_block(self._bdia_index, self, args, kwargs)
 
 
-def proxy_class(cls: type) -> type:
-    """A subclass of ``cls`` whose ``forward`` hands the call to the block's chain runtime."""
-    if cls not in _PROXY_CLASSES:
-        _PROXY_CLASSES[cls] = type(cls.__name__, (cls,), {
-            "forward": _proxy_forward,
+def _gamma0_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    from bdia_fx.runtime import gamma0_block_forward
+
+    return gamma0_block_forward(self, original_class(self), args, kwargs, self._bdia_frac_bits,
+                                self._bdia_index == 0, self._bdia_path)
+
+
+def _checkpoint_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(original_class(self).forward, self, *args, use_reentrant=False, **kwargs)
+
+
+_FORWARDS = {"bdia": _chain_forward, "gamma0": _gamma0_forward, "checkpoint": _checkpoint_forward}
+
+
+def proxy_class(cls: type, kind: str = "bdia") -> type:
+    """A subclass of ``cls`` whose ``forward`` is the ``kind`` one.
+
+    ``"bdia"`` hands the call to the block's chain runtime; ``"gamma0"`` runs the quantized
+    γ = 0 step x_{k+1} = Q[f_k(x_k)] (the reverted model with ``quantize=True``);
+    ``"checkpoint"`` runs the original forward under ``torch.utils.checkpoint`` (for comparisons).
+    """
+    if (cls, kind) not in _PROXY_CLASSES:
+        _PROXY_CLASSES[cls, kind] = type(cls.__name__, (cls,), {
+            "forward": _FORWARDS[kind],
             "_bdia_original_class": cls,
             "__module__": cls.__module__,
-            "__qualname__": f"{cls.__qualname__}[bdia]",
+            "__qualname__": f"{cls.__qualname__}[{kind}]",
         })
-    return _PROXY_CLASSES[cls]
+    return _PROXY_CLASSES[cls, kind]
 
 
 def install_proxy(block: nn.Module, runtime: Any, index: int) -> None:
@@ -64,11 +85,24 @@ def install_proxy(block: nn.Module, runtime: Any, index: int) -> None:
     block._bdia_index = index
 
 
+def install_gamma0_proxy(block: nn.Module, index: int, frac_bits: int, path: str) -> None:
+    """Make ``block`` step k = ``index`` of the quantized γ = 0 chain."""
+    block.__class__ = proxy_class(original_class(block), "gamma0")
+    block._bdia_index = index
+    block._bdia_frac_bits = frac_bits
+    block._bdia_path = path
+
+
 def remove_proxy(block: nn.Module) -> None:
-    """Undo :func:`install_proxy`."""
+    """Undo :func:`install_proxy` / :func:`install_gamma0_proxy`."""
     block.__class__ = original_class(block)
-    for name in ("_bdia_runtime", "_bdia_index"):
+    for name in ("_bdia_runtime", "_bdia_index", "_bdia_frac_bits", "_bdia_path"):
         block.__dict__.pop(name, None)
+
+
+def is_gamma0_proxy(module: nn.Module) -> bool:
+    """Whether ``module`` runs as a quantized γ = 0 step (see :func:`install_gamma0_proxy`)."""
+    return type(module) is _PROXY_CLASSES.get((original_class(module), "gamma0"))
 
 
 def original_class(block: nn.Module) -> type:

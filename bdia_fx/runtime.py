@@ -81,6 +81,17 @@ def _split_output(out: Any, where: str) -> tuple[torch.Tensor, Callable[[torch.T
     raise ConversionError("block returned no floating-point tensor (the residual stream)", module=where)
 
 
+def gamma0_block_forward(block: nn.Module, original: type, args: tuple, kwargs: dict, frac_bits: int,
+                         first: bool, where: str) -> Any:
+    """One step of the quantized γ = 0 chain: x_{k+1} = Q[f_k(x_k)], with x_0 = Q[x_in] if ``first``."""
+    x, call = _split_call(args, kwargs, where)
+    if first:
+        x = fp.quantize(x, frac_bits)
+    f_args, f_kwargs = call.with_stream(x)
+    f, rebuild = _split_output(original.forward(block, *f_args, **f_kwargs), where)
+    return rebuild(fp.quantize(f, frac_bits))
+
+
 class _STEQuantize(torch.autograd.Function):
     """Q[v] with the straight-through gradient; range-checked like the reversible path."""
 
@@ -212,14 +223,8 @@ class ChainRuntime:
     def _eval_block(self, index: int, block: nn.Module, original: type, args: tuple, kwargs: dict) -> Any:
         if not self.config.quantize_eval:
             return original.forward(block, *args, **kwargs)
-        l = self.config.frac_bits
-        x, call = _split_call(args, kwargs, self.block_paths[index])
-        if index == 0:
-            x = fp.quantize(x, l)
-        f_args, f_kwargs = call.with_stream(x)
-        out = original.forward(block, *f_args, **f_kwargs)
-        f, rebuild = _split_output(out, self.block_paths[index])
-        return rebuild(fp.quantize(f, l))
+        return gamma0_block_forward(block, original, args, kwargs, self.config.frac_bits, index == 0,
+                                    self.block_paths[index])
 
     # ------------------------------------------------------------------ stored reference
     def _stored_block(self, index: int, block: nn.Module, original: type, x: torch.Tensor, call: _BlockCall) -> Any:

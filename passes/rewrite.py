@@ -46,14 +46,14 @@ def rewrite_chains(ep: torch.export.ExportedProgram, root: nn.Module, report: Ch
         stream_in = env[by_name[chain.blocks[0].stream_in]]
         sides = tuple(env[by_name[s.node]] for s in chain.side_inputs)
         x0 = graph.call_function(quantize, (stream_in, config.frac_bits))
-        x0.name = f"bdia_quantize_{_safe(container)}"
+        x0.name = f"bdia_quantize_{safe_name(container)}"
         x0.meta[QUANT_META_KEY] = container
         out = graph.call_module(
             container,
             (x0, *sides),
             {"frac_bits": config.frac_bits, "gammas": config.gammas, "blocks": list(chain.block_paths)},
         )
-        out.name = f"bdia_chain_{_safe(container)}"
+        out.name = f"bdia_chain_{safe_name(container)}"
         out.meta[CHAIN_META_KEY] = chain
         if "val" in by_name[chain.blocks[-1].stream_out].meta:
             out.meta["val"] = by_name[chain.blocks[-1].stream_out].meta["val"]
@@ -62,5 +62,6 @@ def rewrite_chains(ep: torch.export.ExportedProgram, root: nn.Module, report: Ch
     return fx.GraphModule(root, graph, class_name="BDIARewrittenGraph")
 
 
-def _safe(path: str) -> str:
+def safe_name(path: str) -> str:
+    """A module path as a node-name fragment (dots become underscores)."""
     return path.replace(".", "_") or "root"

@@ -1,0 +1,136 @@
+"""revert(): the γ = 0 model, checkpoint round trips in both directions, bad input."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+import bdia_fx
+from bdia_fx import BDIAConfig, ConversionError
+from bdia_fx.convert import state_of
+
+from models import TinyGPT, encoder, gpt2, vit
+
+CASES = {
+    "encoder-batch-first": (lambda: encoder(3, batch_first=True, dropout=0.1), lambda b, t: (torch.randn(b, t, 32),), {}),
+    "encoder-seq-first": (lambda: encoder(3, batch_first=False, dropout=0.1), lambda b, t: (torch.randn(t, b, 32),), {}),
+    "tiny-gpt": (lambda: TinyGPT(dropout=0.1), lambda b, t: (torch.randint(0, 50, (b, t)),), {}),
+    "gpt2": (lambda: gpt2(3), lambda b, t: (torch.randint(0, 64, (b, t)),), {"use_cache": False}),
+    "vit": (lambda: vit(3), lambda b, t: (torch.randn(b, 1, 16, 16),), {}),
+}
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _train_a_few_steps(conv, make_inputs, kwargs, steps=3):
+    opt = torch.optim.SGD(conv.parameters(), lr=0.05)
+    conv.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        _logits(conv(*make_inputs(2, 8), **kwargs)).square().mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_reverted_model_equals_original_and_converted_eval(name):
+    build, make_inputs, kwargs = CASES[name]
+    torch.manual_seed(0)
+    model = build()
+    conv = bdia_fx.convert(model, make_inputs(2, 8), kwargs, BDIAConfig(quantize_eval=False))
+    _train_a_few_steps(conv, make_inputs, kwargs)
+    plain, plain_q = bdia_fx.revert(conv), bdia_fx.revert(conv, quantize=True)
+    conv_q = bdia_fx.convert(model, make_inputs(2, 8), kwargs)  # quantize_eval=True, same weights
+    for m in (model, conv, conv_q, plain, plain_q):
+        m.eval()
+    assert type(plain) is type(model)
+    assert plain.state_dict().keys() == model.state_dict().keys()
+    assert all(a is b for a, b in zip(plain.parameters(), model.parameters()))
+    with torch.no_grad():
+        for batch, length in [(2, 8), (3, 5)]:
+            inputs = make_inputs(batch, length)
+            reference = _logits(model(*inputs, **kwargs))
+            assert torch.equal(_logits(plain(*inputs, **kwargs)), reference)
+            assert torch.equal(_logits(conv(*inputs, **kwargs)), reference)
+            assert torch.equal(_logits(plain_q(*inputs, **kwargs)), _logits(conv_q(*inputs, **kwargs)))
+
+
+def test_reverted_model_is_an_ordinary_module():
+    model = TinyGPT()
+    ids = torch.randint(0, 50, (2, 8))
+    conv = bdia_fx.convert(model, (ids,))
+    reverted = bdia_fx.revert(conv)
+    assert all(type(a) is type(b) for a, b in zip(reverted.modules(), model.modules()))
+    assert not reverted._forward_pre_hooks
+    copy = pickle.loads(pickle.dumps(reverted))
+    reverted.eval(), copy.eval()
+    assert torch.equal(copy(ids), reverted(ids))
+    with pytest.raises(ConversionError, match="not converted"):
+        bdia_fx.revert(reverted)
+
+
+def test_revert_leaves_the_converted_model_working():
+    model = gpt2(3)
+    ids = torch.randint(0, 64, (2, 8))
+    conv = bdia_fx.convert(model, (ids,), {"use_cache": False})
+    bdia_fx.revert(conv, quantize=True)
+    conv.train()
+    conv(ids, labels=ids, use_cache=False).loss.backward()
+    assert all(p.grad is not None for p in conv.parameters())
+    assert conv.transformer.h[0]._bdia_runtime is state_of(conv).runtimes["transformer.h"]
+
+
+def test_trained_checkpoint_loads_into_a_fresh_original_model():
+    torch.manual_seed(0)
+    build, make_inputs, kwargs = CASES["tiny-gpt"]
+    conv = bdia_fx.convert(build(), make_inputs(2, 8), kwargs)
+    _train_a_few_steps(conv, make_inputs, kwargs)
+    fresh = build()
+    fresh.load_state_dict(bdia_fx.revert(conv).state_dict(), strict=True)
+    ids = make_inputs(3, 7)
+    fresh.eval(), conv.eval()
+    assert torch.equal(fresh(*ids), bdia_fx.revert(conv).eval()(*ids))
+
+
+def test_hf_save_pretrained_round_trip(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = gpt2(3)
+    ids = torch.randint(0, 64, (2, 8))
+    conv = bdia_fx.convert(model, (ids,), {"use_cache": False})
+    _train_a_few_steps(conv, lambda b, t: (torch.randint(0, 64, (b, t)),), {"use_cache": False})
+    reverted = bdia_fx.revert(conv).eval()
+    reverted.save_pretrained(tmp_path)
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, use_cache=False).logits, reverted(ids, use_cache=False).logits)
+    # ... and the saved checkpoint converts again and keeps training
+    again = bdia_fx.convert(loaded, (ids,), {"use_cache": False})
+    again.train()
+    again(ids, labels=ids, use_cache=False).loss.backward()
+
+
+def test_plain_checkpoint_loads_into_converted_model_then_reverts_unchanged():
+    source, target = TinyGPT(), TinyGPT()
+    ids = torch.randint(0, 50, (2, 8))
+    conv = bdia_fx.convert(target, (ids,))
+    conv.load_state_dict(source.state_dict(), strict=True)
+    source.eval()
+    assert torch.equal(bdia_fx.revert(conv).eval()(ids), source(ids))
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ConversionError, match="was not converted"):
+        bdia_fx.revert(TinyGPT())
+    original = TinyGPT()
+    lazy = bdia_fx.convert(original)
+    with pytest.raises(ConversionError, match="has not been called yet"):
+        bdia_fx.revert(lazy, quantize=True)
+    ids = torch.randint(0, 50, (2, 8))
+    unplanned = bdia_fx.revert(lazy).eval()  # nothing was rewritten yet: the original model
+    assert bdia_fx.graph_of(unplanned) is None
+    assert torch.equal(unplanned(ids), original.eval()(ids))
