@@ -34,7 +34,8 @@ class ConvertedState:
 
     config: BDIAConfig
     report: ChainReport | None = None
-    graph: fx.GraphModule | None = None
+    graph: fx.GraphModule | None = None      # the rewritten graph (chains as BDIA nodes)
+    captured: fx.GraphModule | None = None   # the captured graph, block nodes marked
     runtimes: dict[str, ChainRuntime] = dataclasses.field(default_factory=dict)
     patterns: set = dataclasses.field(default_factory=set)
     hook_id: int | None = None  # the root forward pre-hook that plans and checks call patterns
@@ -143,6 +144,7 @@ def _plan(model: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) ->
             state.runtimes[chain.container] = runtime
         state.report = report
         state.graph = rewrite_chains(ep, model, report, state.config)
+        state.captured = ep.graph_module
     else:
         found = {c.container: c.block_paths for c in report.chains}
         known = {name: r.block_paths for name, r in state.runtimes.items()}

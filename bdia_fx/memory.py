@@ -17,10 +17,11 @@ from bdia_fx.report import ChainReport
 def saved_activation_bytes(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> int:
     """Bytes kept for backward by ``loss_fn()`` (a forward returning a loss), then run backward.
 
-    Counts tensors autograd saves (``saved_tensors_hooks``, storages deduplicated, parameters
-    excluded) plus the BDIA chain states a converted model keeps on its autograd Functions.
+    Counts tensors autograd saves (``saved_tensors_hooks``, storages deduplicated, parameters and
+    buffers excluded) plus the chain states a converted model keeps on its autograd Functions,
+    with the side inputs (masks, ...) those states hold for the recompute.
     """
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    param_ptrs = _model_storages(model)
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -34,12 +35,19 @@ def saved_activation_bytes(model: nn.Module, loss_fn: Callable[[], torch.Tensor]
     if state is not None:
         runtimes = list(state.runtimes.values())
         for runtime in runtimes:
-            runtime.last_state_nbytes = 0
+            runtime.last_state_nbytes, runtime.last_side_storages = 0, {}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = loss_fn()
+    for runtime in runtimes:  # the side inputs a chain state keeps for its recompute (once per chain)
+        storages.update({ptr: n for ptr, n in runtime.last_side_storages.items() if ptr not in param_ptrs})
     total = sum(storages.values()) + sum(r.last_state_nbytes for r in runtimes)
     loss.backward()
     return total
+
+
+def _model_storages(model: nn.Module) -> set[int]:
+    """Storage addresses of the model's parameters and buffers (state, not activations)."""
+    return {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
 
 
 def _data_pointer(t: torch.Tensor) -> int | None:
@@ -59,6 +67,7 @@ class MemoryEstimate:
     chain_streams: dict[str, tuple[int, int]]  # per chain: (elements, bytes) of one stream tensor
     chain_lengths: dict[str, int]
     chain_random_blocks: dict[str, int]  # blocks whose RNG state is kept for replay
+    chain_side_inputs: dict[str, int]    # per chain: bytes of the side inputs (masks, ...), kept once
 
     @property
     def plain(self) -> int:
@@ -67,11 +76,12 @@ class MemoryEstimate:
     @property
     def checkpoint(self) -> int:
         """Per-block ``torch.utils.checkpoint``: each block keeps only its input."""
-        return self.outside_chains + sum(k * self.chain_streams[c][1] for c, k in self.chain_lengths.items())
+        return self.outside_chains + sum(k * self.chain_streams[c][1] + self.chain_side_inputs[c]
+                                         for c, k in self.chain_lengths.items())
 
     @property
     def bdia(self) -> int:
-        """x_K and x_{K-1} in full, K-1 packed side-bit tensors (1 bit per element), RNG states.
+        """x_K and x_{K-1} in full, K-1 packed side-bit tensors (1 bit per element), RNG states, side inputs.
 
         (The γ signs, 4 bytes per sample per block, are left out.)
         """
@@ -80,6 +90,7 @@ class MemoryEstimate:
         for chain, k in self.chain_lengths.items():
             elements, nbytes = self.chain_streams[chain]
             total += 2 * nbytes + (k - 1) * math.ceil(elements / 8) + self.chain_random_blocks[chain] * rng_state
+            total += self.chain_side_inputs[chain]
         return total
 
 
@@ -94,16 +105,21 @@ def estimate_saved_bytes(model: nn.Module, report: ChainReport, loss_fn: Callabl
     running: list[str] = []
     per_chain = {chain.container: 0 for chain in report.chains}
     streams: dict[str, tuple[int, int]] = {}
+    sides: dict[str, dict[int, int]] = {chain.container: {} for chain in report.chains}
     seen: dict[int, str] = {}
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    param_ptrs = _model_storages(model)
     handles = []
     for path, chain in owner.items():
         def enter(module, args, kwargs, _path=path, _chain=chain):
             running.append(_path)
-            stream = next((a for a in tree_flatten((args, kwargs))[0]
-                           if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+            tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+            stream = next((a for a in tensors if a.is_floating_point()), None)
             if stream is not None:
                 streams[_chain] = (stream.numel(), stream.numel() * stream.element_size())
+            for side in tensors:
+                pointer = _data_pointer(side)
+                if side is not stream and pointer is not None and pointer not in param_ptrs:
+                    sides[_chain][pointer] = side.untyped_storage().nbytes()
         handles.append(modules[path].register_forward_pre_hook(enter, with_kwargs=True))
         handles.append(modules[path].register_forward_hook(lambda *_: running.pop() and None))
 
@@ -127,7 +143,8 @@ def estimate_saved_bytes(model: nn.Module, report: ChainReport, loss_fn: Callabl
             outside += nbytes
     lengths = {chain.container: len(chain.blocks) for chain in report.chains}
     random = {chain.container: sum(b.random for b in chain.blocks) for chain in report.chains}
-    return MemoryEstimate(outside, per_chain, streams, lengths, random)
+    side_bytes = {chain: sum(found.values()) for chain, found in sides.items()}
+    return MemoryEstimate(outside, per_chain, streams, lengths, random, side_bytes)
 
 
 def checkpoint_blocks(model: nn.Module, report: ChainReport) -> nn.Module:

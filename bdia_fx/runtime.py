@@ -174,6 +174,7 @@ class ChainRuntime:
         self.random_blocks = list(random_blocks)
         self.code_trace: dict[str, list[torch.Tensor]] | None = None  # set by bdia_fx.check_exactness
         self.last_state_nbytes = 0  # bytes the last reversible call kept for backward
+        self.last_side_storages: dict[int, int] = {}  # storage address -> bytes of its block-call tensors
         self._state: Any = None
         self._last_out: torch.Tensor | None = None
         self._index = 0
@@ -296,6 +297,8 @@ class ChainRuntime:
                     sides.append(leaf)
         params = self._trainable_params()
         self.last_state_nbytes = st.nbytes()
+        self.last_side_storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                                   for call in st.calls for t in call.leaves if isinstance(t, torch.Tensor)}
         return _BDIAChainFunction.apply(self, st, len(sides), x_in, *sides, *params)
 
     def _trainable_params(self) -> list[nn.Parameter]:

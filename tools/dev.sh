@@ -13,8 +13,16 @@ stamp=.venv/.bdia-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[test,hf,onnx,examples]"
+  .venv/bin/python -m pip install -q -e ".[test,hf,onnx,viz,examples]"
   touch "$stamp"
+fi
+# graphviz's `dot` draws the pictures of `bdia-inspect --draw` (and its test); install it where we can.
+if ! command -v dot >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get install -y -q graphviz >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q graphviz >/dev/null; }
+  else
+    echo "note: graphviz (dot) not found; install it for bdia-inspect --draw (e.g. sudo apt-get install graphviz)" >&2
+  fi
 fi
 case "${1:-test}" in
   demo) shift; exec .venv/bin/python examples/gpt2_demo.py "$@" ;;

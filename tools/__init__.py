@@ -1,0 +1,1 @@
+"""Command-line tools of bdia_fx (installed as ``bdia_fx.tools``): ``bdia-inspect``."""
