@@ -68,7 +68,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: tuple
     args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
     named = _bind(exported, args, kwargs)
     axes = _dynamic_axes(exported, named, dynamic_batch, dynamic_seq)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as error:
+        raise ExportError(f"cannot write {target}: {error}") from error
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -83,7 +86,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: tuple
                                   f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}") from error
             program.save(tmp, external_data=False)
         seconds = time.perf_counter() - start
-        onnx.checker.check_model(str(tmp))
+        try:
+            onnx.checker.check_model(str(tmp))
+        except Exception as error:
+            raise ExportError(f"onnx.checker rejected the exported file: {error}") from error
         proto = onnx.load(str(tmp), load_external_data=False)
         _check_axes_stayed_dynamic(proto, axes)
         check = None
@@ -148,7 +154,7 @@ def verify_onnx(path: str | os.PathLike, model: nn.Module, example_inputs: tuple
 
 def run_onnx(path: str | os.PathLike, model: nn.Module, example_inputs: tuple = (), example_kwargs: dict | None = None) -> list:
     """Run an exported file in onnxruntime, feeding the tensor arguments of ``model``'s call by name."""
-    _, _ = _import_onnx()
+    _import_onnx()
     import onnxruntime
 
     named = _bind(model, tuple(example_inputs), dict(example_kwargs or {}))
@@ -204,13 +210,14 @@ def _inference_model(model: nn.Module, quantize: bool) -> nn.Module:
 
 def _bind(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
     """Tensor arguments of ``model.forward(*args, **kwargs)`` by parameter name (the ONNX input names)."""
+    signature = inspect.signature(model.forward)
     try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
     except TypeError as error:
         raise ExportError(f"example inputs do not fit {type(model).__name__}.forward: {error}") from error
     named = {}
     for name, value in bound.arguments.items():
-        kind = inspect.signature(model.forward).parameters[name].kind
+        kind = signature.parameters[name].kind
         if kind == inspect.Parameter.VAR_KEYWORD:
             named.update({k: v for k, v in value.items() if isinstance(v, torch.Tensor)})
         elif kind == inspect.Parameter.VAR_POSITIONAL:

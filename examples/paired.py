@@ -86,8 +86,9 @@ def measure_memory(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor
     return result
 
 
-def plot_curves(curves: dict[str, list[list[float]]], ylabel: str, title: str, path: Path) -> None:
-    """Mean curve per variant over seeds with a ±1 std band."""
+def plot_curves(curves: dict[str, list[list[float]]], ylabel: str, title: str, path: Path,
+                xlabel: str = "epoch", every: int = 1) -> None:
+    """Mean curve per variant over seeds with a ±1 std band; point i is at x = every·(i+1)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,12 +97,12 @@ def plot_curves(curves: dict[str, list[list[float]]], ylabel: str, title: str, p
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, runs in curves.items():
         values = torch.tensor(runs, dtype=torch.float64)
-        x = torch.arange(1, values.shape[1] + 1)
+        x = every * torch.arange(1, values.shape[1] + 1)
         mean = values.mean(0)
         std = values.std(0) if len(runs) > 1 else torch.zeros_like(mean)
         ax.plot(x, mean, color=COLOURS[name], label=f"{name} (mean of {len(runs)})")
         ax.fill_between(x, mean - std, mean + std, color=COLOURS[name], alpha=0.2)
-    ax.set_xlabel("epoch" if "acc" in ylabel else "evaluation")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -46,6 +46,11 @@ def test_quantization_shows_as_ordinary_onnx_ops(tmp_path):
         ops = [n.op_type for n in onnx.load(str(path)).graph.node]
         counts[quantize] = ops.count("Round")
     assert counts == {False: 0, True: 4}  # chain input + 3 blocks
+    reverted = bdia_fx.revert(conv, quantize=True)  # a reverted model exports as well
+    result = bdia_fx.export_onnx(reverted, tmp_path / "reverted.onnx", make_inputs(2, 8), kwargs, quantize=True)
+    assert result.check.mismatched == 0
+    with pytest.raises(ExportError, match="reverted with quantize=True"):
+        bdia_fx.export_onnx(reverted, tmp_path / "other.onnx", make_inputs(2, 8), kwargs, quantize=False)
 
 
 class _DataDependent(nn.Module):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (or reuse) .venv and run the demo or the tests.
-#   bash tools/dev.sh demo   # convert a small GPT-2, train a few steps, print report and memory
+#   bash tools/dev.sh demo   # examples/vit_digits.py --quick: plain vs BDIA ViT on digits, memory, plots, ONNX
 #   bash tools/dev.sh test   # the test suite
 # The torch==2.13.0 CPU wheel is installed first so pip never pulls a CUDA build.
 set -euo pipefail
@@ -25,7 +25,7 @@ if ! command -v dot >/dev/null 2>&1; then
   fi
 fi
 case "${1:-test}" in
-  demo) shift; exec .venv/bin/python examples/gpt2_demo.py "$@" ;;
+  demo) shift; exec .venv/bin/python examples/vit_digits.py --quick "$@" ;;
   test) shift; exec .venv/bin/python -m pytest -q "$@" ;;
   *) echo "usage: bash tools/dev.sh demo|test [args...]" >&2; exit 2 ;;
 esac

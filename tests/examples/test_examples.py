@@ -1,0 +1,64 @@
+"""Each example's --quick run end to end as a subprocess: results JSON, plots, exports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _run_quick(script: str, out: Path) -> str:
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_vit_digits(tmp_path):
+    stdout = _run_quick("vit_digits.py", tmp_path)
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert len(result["final_accuracy"]["plain"]) == len(result["final_accuracy"]["bdia"]) == 2
+    saved = result["saved_bytes"]
+    assert saved["bdia"] < saved["checkpoint"] < saved["plain"]
+    for name in ("accuracy.png", "memory.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG
+    assert (tmp_path / "vit_digits.onnx").stat().st_size > 0
+    assert "paired difference" in stdout and "saved for backward" in stdout
+
+
+def test_char_lm(tmp_path):
+    stdout = _run_quick("char_lm.py", tmp_path)
+    result = json.loads((tmp_path / "results.json").read_text())
+    losses = result["final_validation_loss"]
+    assert all(0 < v < 10 for v in losses["plain"] + losses["bdia"])
+    assert len(result["samples"]) == 2 and all(s.startswith(("The ", "A function ")) for s in result["samples"])
+    assert (tmp_path / "val_loss.png").read_bytes()[:8] == PNG
+    assert "samples from the reverted BDIA model" in stdout
+
+
+def test_translation_toy(tmp_path):
+    _run_quick("translation_toy.py", tmp_path)
+    result = json.loads((tmp_path / "results.json").read_text())
+    for metric in ("exact_match", "bleu"):
+        assert all(0 <= v <= 1 for v in result[metric]["plain"] + result[metric]["bdia"])
+    assert (tmp_path / "exact_match.png").read_bytes()[:8] == PNG
+
+
+def test_toy_language_rules():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import translation_toy as toy
+    finally:
+        sys.path.pop(0)
+    pairs = toy.make_pairs(200)
+    assert len({s for s, _ in pairs}) == 200
+    for source, target in pairs:
+        assert target.split()[-1] in toy.VERBS.values()  # subject-object-verb
+    assert toy.corpus_bleu(["ka neko miru"], ["ka neko miru"], order=3) == pytest.approx(1.0)
+    assert toy.corpus_bleu(["ka neko ko inu miru"], ["ren tori"]) == 0.0
