@@ -75,7 +75,9 @@ def bdia_forward(a: torch.Tensor, b: torch.Tensor, sign: torch.Tensor) -> torch.
 
 def bdia_inverse(c: torch.Tensor, b: torch.Tensor, sign: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """x_{k-1} codes from x_{k+1} codes ``c``, update codes ``b`` and side bits: ``(c − b)/γ + s``."""
-    return 2 * sign * (c - b) + bits
+    a = c - b  # one new tensor, the rest in place (backward's working set is the peak)
+    a.mul_(2 * sign)
+    return a.add_(bits)
 
 
 def update_value(f: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
@@ -94,13 +96,13 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: int32 0/1 tensor of ``shape``."""
+    """Inverse of :func:`pack_bits`: a uint8 0/1 tensor of ``shape``."""
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    bits = (packed.unsqueeze(1) >> shifts) & 1
+    bits = (packed.unsqueeze(1) >> shifts).bitwise_and_(1)
     numel = 1
     for size in shape:
         numel *= size
-    return bits.reshape(-1)[:numel].to(torch.int32).view(shape)
+    return bits.reshape(-1)[:numel].view(shape)
 
 
 def checksum(codes: torch.Tensor) -> torch.Tensor:

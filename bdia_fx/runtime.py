@@ -123,17 +123,18 @@ class _STEHalf(torch.autograd.Function):
 class ChainState:
     """What one reversible chain call keeps for its backward (SPEC §2, "saved per chain")."""
 
-    signs: torch.Tensor                      # [K-1, B] int32, ±1 (γ = sign/2)
+    signs: torch.Tensor                      # [K-1, B] int8, ±1 (γ = sign/2)
     dtype: torch.dtype
     shape: torch.Size
     autocast: AutocastState
     calls: list[_BlockCall] = field(default_factory=list)
     rng: list[RNGSnapshot | None] = field(default_factory=list)
-    side_bits: list[torch.Tensor] = field(default_factory=list)  # packed, for x_0 … x_{K-2}
+    side_bits: list[torch.Tensor | None] = field(default_factory=list)  # packed, x_0 … x_{K-2}; freed in backward
     checksums: list[torch.Tensor] = field(default_factory=list)
     below: torch.Tensor | None = None        # codes of x_{K-1} (x_{k-1} while running)
     top: torch.Tensor | None = None          # codes of x_K (x_k while running)
     x_in: torch.Tensor | None = None         # the chain input (autograd edge only, not saved data)
+    cursor: "_Cursor | None" = None          # the backward walk's position (set while it runs)
 
     def nbytes(self) -> int:
         """Bytes this state holds for backward (block-call tensors are the model's own, not counted)."""
@@ -142,22 +143,31 @@ class ChainState:
         return total + sum(s.nbytes() for s in self.rng if s is not None)
 
 
-class _BDIAChainFunction(torch.autograd.Function):
-    """Connects x_K to the chain input, side inputs and block parameters; backward = reversal."""
+class _ReversibleStep(torch.autograd.Function):
+    """Block k of a reversible chain as one autograd node.
+
+    The K steps are linked in order (step k's output feeds step k+1), so autograd runs their
+    backwards from the top down; step k's backward rebuilds x_{k-1} and recomputes block k for
+    its vector-Jacobian product, and hands block k's parameter gradients to autograd at once —
+    they are accumulated (or returned by ``torch.autograd.grad``) block by block, as with
+    per-block checkpointing. The stream gradients g_{k+1}, g_k travel in the chain state; the
+    link between steps carries none (an empty tensor), except into the chain input at step 0.
+    """
 
     @staticmethod
-    def forward(ctx, runtime: "ChainRuntime", state: ChainState, n_sides: int, x_in: torch.Tensor, *inputs: torch.Tensor):
-        ctx.runtime, ctx.state, ctx.n_sides = runtime, state, n_sides
-        ctx.grad_inputs = inputs
-        return fp.from_codes(state.top, runtime.config.frac_bits, state.dtype)
+    def forward(ctx, runtime: "ChainRuntime", state: "ChainState", index: int, n_sides: int,
+                link: torch.Tensor, *inputs: torch.Tensor):
+        ctx.runtime, ctx.state, ctx.index = runtime, state, index
+        ctx.sides, ctx.params = inputs[:n_sides], inputs[n_sides:]
+        if index == len(runtime.blocks) - 1:
+            return fp.from_codes(state.top, runtime.config.frac_bits, state.dtype)
+        return link.new_empty(0)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        sides = ctx.grad_inputs[: ctx.n_sides]
-        params = ctx.grad_inputs[ctx.n_sides:]
-        g_x, g_sides, g_params = ctx.runtime.backward(ctx.state, grad_out, sides, params)
-        return (None, None, None, g_x, *g_sides, *g_params)
+    def backward(ctx, grad: torch.Tensor):
+        g_link, g_sides, g_params = ctx.runtime.backward_step(ctx.state, ctx.index, grad, ctx.sides, ctx.params)
+        return (None, None, None, None, g_link, *g_sides, *g_params)
 
 
 class ChainRuntime:
@@ -209,7 +219,7 @@ class ChainRuntime:
         if x.dim() <= self.batch_dim:
             raise ConversionError(f"stream has {x.dim()} dims, no batch dim {self.batch_dim}", module=self.block_paths[0])
         batch = x.shape[self.batch_dim]
-        table = torch.tensor([int(2 * g) for g in self.config.gammas], dtype=torch.int32)
+        table = torch.tensor([int(2 * g) for g in self.config.gammas], dtype=torch.int8)
         draw = torch.randint(len(table), (len(self.blocks) - 1, batch))
         return table[draw].to(x.device)
 
@@ -287,84 +297,77 @@ class ChainRuntime:
 
     def _attach(self, st: ChainState) -> torch.Tensor:
         self._state, self._last_out = None, None
-        x_in, st.x_in = st.x_in, None
-        seen: set[int] = set()
-        sides: list[torch.Tensor] = []
-        for call in st.calls:
-            for leaf in call.leaves:
-                if isinstance(leaf, torch.Tensor) and leaf.requires_grad and id(leaf) not in seen:
-                    seen.add(id(leaf))
-                    sides.append(leaf)
-        params = self._trainable_params()
+        link, st.x_in = st.x_in, None
         self.last_state_nbytes = st.nbytes()
         self.last_side_storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                                    for call in st.calls for t in call.leaves if isinstance(t, torch.Tensor)}
-        return _BDIAChainFunction.apply(self, st, len(sides), x_in, *sides, *params)
-
-    def _trainable_params(self) -> list[nn.Parameter]:
-        seen: set[int] = set()
-        params = []
-        for block in self.blocks:
-            for p in block.parameters():
-                if p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    params.append(p)
-        return params
+        for index, (block, call) in enumerate(zip(self.blocks, st.calls)):
+            sides = list({id(t): t for t in call.leaves if isinstance(t, torch.Tensor) and t.requires_grad}.values())
+            params = list({id(p): p for p in block.parameters() if p.requires_grad}.values())
+            link = _ReversibleStep.apply(self, st, index, len(sides), link, *sides, *params)
+        return link
 
     def _trace(self, direction: str, codes: torch.Tensor) -> None:
         if self.code_trace is not None:
             self.code_trace[direction].append(codes.clone())
 
     # ------------------------------------------------------------------ reversible backward
-    def backward(self, st: ChainState, grad_out: torch.Tensor, sides: tuple, params: tuple):
-        l = self.config.frac_bits
-        leaf_of = {id(t): t.detach().requires_grad_() for t in sides}
-        side_pos = {id(t): i for i, t in enumerate(sides)}
-        param_pos = {id(p): i for i, p in enumerate(params)}
-        g_sides: list[torch.Tensor | None] = [None] * len(sides)
-        g_params: list[torch.Tensor | None] = [None] * len(params)
-        g_hi, g_lo = grad_out, None
-        c_hi, c_lo = st.top, st.below
-        for k in reversed(range(len(self.blocks))):
-            where = self.block_paths[k]
-            xk = fp.from_codes(c_lo, l, st.dtype).requires_grad_()
-            with torch.enable_grad(), replay_rng(st.rng[k]), st.autocast.entered():
-                f_args, f_kwargs = st.calls[k].with_stream(xk, lambda v: leaf_of.get(id(v), v))
-                f, _ = _split_output(self.originals[k].forward(self.blocks[k], *f_args, **f_kwargs), where)
-                if k > 0:
-                    sign = self._gamma_view(st.signs[k - 1], f.dim())
-                    gamma = 0.5 * sign.to(f.dtype)
-                    v = fp.update_value(f, xk, gamma)
-                else:
-                    v = f
-            with torch.no_grad():
-                b = fp.to_codes(v.detach(), l, where)
-                if self.config.verify and not torch.equal(fp.checksum(b), st.checksums[k]):
-                    raise ReversibilityError(
-                        "backward recompute of this block differs from its forward (checksum mismatch): the block "
-                        "is not deterministic (non-deterministic kernel, unreplayed randomness or changed state)",
-                        module=where,
-                    )
-                if k > 0:
-                    bits = fp.unpack_bits(st.side_bits[k - 1], c_lo.shape)
-                    c_below = fp.bdia_inverse(c_hi, b, sign, bits)
-            block_params = [p for p in self.blocks[k].parameters() if id(p) in param_pos]
-            used = list(dict.fromkeys(id(t) for t in st.calls[k].leaves if id(t) in leaf_of))
-            used_sides = [leaf_of[i] for i in used]
-            grads = torch.autograd.grad(v, [xk, *used_sides, *block_params], g_hi, allow_unused=True)
-            g_x = grads[0] if g_lo is None else grads[0] + g_lo
-            for i, g in zip(used, grads[1:1 + len(used)]):
-                _accumulate(g_sides, side_pos[i], g)
-            for p, g in zip(block_params, grads[1 + len(used_sides):]):
-                _accumulate(g_params, param_pos[id(p)], g)
+    def backward_step(self, st: ChainState, k: int, grad: torch.Tensor, sides: tuple, params: tuple):
+        """Backward of block k: rebuild x_{k-1}, recompute block k once, and return the gradients
+        of the link into this step, of block k's side inputs and of its parameters."""
+        l, where = self.config.frac_bits, self.block_paths[k]
+        if k == len(self.blocks) - 1:  # the top: start the walk down, handing x_K, x_{K-1} to the cursor
+            if st.top is None:
+                raise ConversionError(
+                    "the backward of a reversible chain can run only once per forward (retain_graph=True is not "
+                    "supported); run the forward again, or use BDIAConfig(mode='stored')", module=self.container)
+            st.cursor = _Cursor(g_hi=grad, g_lo=None, c_hi=st.top, c_lo=st.below)
+            st.top = st.below = None
+        cur = st.cursor
+        leaves = [t.detach().requires_grad_() for t in sides]
+        leaf_of = {id(t): leaf for t, leaf in zip(sides, leaves)}
+        xk = fp.from_codes(cur.c_lo, l, st.dtype).requires_grad_()
+        with torch.enable_grad(), replay_rng(st.rng[k]), st.autocast.entered():
+            f_args, f_kwargs = st.calls[k].with_stream(xk, lambda v: leaf_of.get(id(v), v))
+            f, _ = _split_output(self.originals[k].forward(self.blocks[k], *f_args, **f_kwargs), where)
             if k > 0:
-                g_lo = gamma * g_hi
-                g_hi = g_x
-                c_hi, c_lo = c_lo, c_below
-                self._trace("backward", c_lo)
-        return g_x, g_sides, g_params
+                sign = self._gamma_view(st.signs[k - 1], f.dim())
+                gamma = 0.5 * sign.to(f.dtype)
+                v = fp.update_value(f, xk, gamma)
+            else:
+                v = f
+        del f
+        with torch.no_grad():
+            b = fp.to_codes(v.detach(), l, where)
+            if self.config.verify and not torch.equal(fp.checksum(b), st.checksums[k]):
+                raise ReversibilityError(
+                    "backward recompute of this block differs from its forward (checksum mismatch): the block "
+                    "is not deterministic (non-deterministic kernel, unreplayed randomness or changed state)",
+                    module=where,
+                )
+            if k > 0:
+                bits = fp.unpack_bits(st.side_bits[k - 1], cur.c_lo.shape)
+                st.side_bits[k - 1] = None  # walked past: free as we go
+                c_below = fp.bdia_inverse(cur.c_hi, b, sign, bits)
+                del bits
+        del b
+        grads = torch.autograd.grad(v, [xk, *leaves, *params], cur.g_hi, allow_unused=True)
+        del v
+        g_x = grads[0] if cur.g_lo is None else grads[0] + cur.g_lo
+        g_sides, g_params = grads[1:1 + len(leaves)], grads[1 + len(leaves):]
+        if k == 0:
+            st.cursor = None
+            return g_x, g_sides, g_params
+        st.cursor = _Cursor(g_hi=g_x, g_lo=gamma * cur.g_hi, c_hi=cur.c_lo, c_lo=c_below)
+        self._trace("backward", c_below)
+        return grad.new_zeros(0), g_sides, g_params
 
 
-def _accumulate(slots: list, index: int, grad: torch.Tensor | None) -> None:
-    if grad is not None:
-        slots[index] = grad if slots[index] is None else slots[index] + grad
+@dataclass
+class _Cursor:
+    """Where the backward walk down a chain is: g_{k+1}, the γ-term for g_k, codes of x_{k+1}, x_k."""
+
+    g_hi: torch.Tensor
+    g_lo: torch.Tensor | None
+    c_hi: torch.Tensor
+    c_lo: torch.Tensor

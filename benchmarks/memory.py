@@ -2,7 +2,9 @@
 
 Method (shared/BENCHMARKS.md): saved-for-backward bytes via saved_tensors_hooks plus the BDIA
 chain state; peak RSS in a fresh process per configuration (MALLOC_MMAP_THRESHOLD_=65536, VmHWM
-reset through /proc/self/clear_refs) over the baseline after model creation; step time as the
+reset through /proc/self/clear_refs) over the baseline after warm-up steps, with the gradient
+buffers allocated and zeroed in place as in a training loop (so they are not counted as peak);
+step time as the
 median of N steps after 2 warm-ups, all methods interleaved in this one process, as ratios to plain.
 
     python benchmarks/memory.py [--layers 4 8 12 24] [--steps 5] [--json results/memory.json]
@@ -74,7 +76,8 @@ def measure_memory(method: str, layers: int) -> dict:
         step(model, x.detach().clone()).backward()
     model.zero_grad(set_to_none=True)
     saved = saved_activation_bytes(model, lambda: step(model, x.detach().clone()))
-    model.zero_grad(set_to_none=True)
+    step(model, x.detach().clone()).backward()  # gradient buffers exist from here on, as in a training loop
+    model.zero_grad(set_to_none=False)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _vm_hwm()
@@ -91,7 +94,7 @@ def measure_times(layers: int, steps: int) -> dict[str, float]:
             step(model, x.detach().clone()).backward()
             if i >= 2:
                 times[method].append(time.perf_counter() - start)
-            model.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=False)
     return {m: statistics.median(v) for m, v in times.items()}
 
 

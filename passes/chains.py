@@ -59,8 +59,19 @@ def _is_mutating(node: fx.Node) -> bool:
 
 
 def _is_random(node: fx.Node) -> bool:
+    """Whether the op draws random numbers (a dropout with a literal p = 0 or train=False does not)."""
     tags = getattr(node.target, "tags", ())
-    return torch.Tag.nondeterministic_seeded in tags
+    if torch.Tag.nondeterministic_seeded not in tags:
+        return False
+    name = str(getattr(node.target, "overloadpacket", ""))
+    if "scaled_dot_product" in name:  # (q, k, v, attn_mask=None, dropout_p=0.0, ...)
+        p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+        return not (isinstance(p, (int, float)) and p == 0)
+    if "dropout" in name:  # (input, p, train)
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p")
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+        return not ((isinstance(p, (int, float)) and p == 0) or train is False)
+    return True
 
 
 def _candidate_containers(model: nn.Module) -> list[tuple[str, list[str]]]:

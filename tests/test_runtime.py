@@ -206,3 +206,37 @@ def test_eval_with_quantization_is_the_gamma_zero_chain():
             want = _Q.apply(layer(want))
         assert torch.equal(got, want)
         assert (got - model(x)).abs().max() < 4 * 2.0**-L * len(model.layers)
+
+
+def test_backward_accumulates_into_grad_and_partial_grads_match_stored():
+    """Each block's parameter gradients leave the chain as that block is reversed: .backward()
+    accumulates them into existing .grad, and asking autograd.grad for one middle block only
+    runs the chain down to that block — both equal to the stored reference."""
+    torch.manual_seed(0)
+    model = TinyGPT(layers=5, dropout=0.1)
+    ids = torch.randint(0, 50, (3, 9))
+    rev = bdia_fx.convert(model, (ids,), config=BDIAConfig(verify=True))
+    ref = bdia_fx.convert(model, (ids,), config=BDIAConfig(mode="stored"))
+    middle = list(model.blocks[2].parameters())
+    _, want = _grads(ref, (ids,), {}, 3, _loss_sum)
+    rev.train()
+    torch.manual_seed(3)
+    got_middle = torch.autograd.grad(_loss_sum(rev(ids)), middle)
+    ref.train()
+    torch.manual_seed(3)
+    want_middle = torch.autograd.grad(_loss_sum(ref(ids)), middle)
+    _assert_close(got_middle, want_middle)
+    for _ in range(2):
+        torch.manual_seed(3)
+        _loss_sum(rev(ids)).backward()
+    _assert_close([p.grad for p in model.parameters()], [2 * g for g in want])
+
+
+def test_a_second_backward_through_the_same_forward_is_a_clear_error():
+    model = TinyGPT(layers=3)
+    ids = torch.randint(0, 50, (2, 6))
+    rev = bdia_fx.convert(model, (ids,)).train()
+    loss = _loss_sum(rev(ids))
+    loss.backward(retain_graph=True)  # backward walks the chain down, freeing x_K, x_{K-1} and side bits
+    with pytest.raises(bdia_fx.ConversionError, match="only once per forward"):
+        loss.backward()

@@ -44,3 +44,9 @@ def test_rewritten_graph_has_one_chain_node_with_its_quantize_node():
     assert node.kwargs["blocks"] == ["layers.0", "layers.1", "layers.2", "layers.3"]
     assert not any("layers.1" in str(n.meta.get("nn_module_stack", "")) for n in graph.nodes)
     assert "bdia_chain_layers" in str(graph)
+
+
+def test_dropout_with_p_zero_is_not_random():
+    for p, random in ((0.0, False), (0.1, True)):
+        report = bdia_fx.find_chains(encoder(2, dropout=p), (torch.randn(2, 4, 32),))
+        assert [b.random for b in report.chains[0].blocks] == [random, random]
