@@ -21,6 +21,15 @@ from bdia_fx.report import BlockInfo, ChainInfo, ChainReport, Rejection, SideInp
 BLOCK_META_KEY = "bdia_block"
 
 _ADD_TARGETS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
+_CAST_TARGETS = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout}
+
+
+def _is_identity_cast(node: fx.Node) -> bool:
+    """A dtype cast to the dtype its input already has (``x.to(torch.float32)`` on float32 x is x)."""
+    if node.target not in _CAST_TARGETS or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    before, after = node.args[0].meta.get("val"), node.meta.get("val")
+    return before is not None and after is not None and before.dtype == after.dtype
 
 
 @dataclass
@@ -94,6 +103,8 @@ def _find_skip_path(out: fx.Node, members: set[fx.Node], inputs: list[fx.Node], 
         if node not in members:
             ok = node is want if want is not None else (node in inputs and _shape(node) == shape)
             return (node, path) if ok else None
+        if _is_identity_cast(node):  # e.g. RMSNorm's hidden.to(float32): the very same tensor in eager
+            return walk(node.args[0], path + (node,))
         if node.target not in _ADD_TARGETS:
             return None
         for arg in node.args[:2]:

@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from bdia_fx.errors import ConversionError
 from bdia_fx.fixed_point import quantize as quantize_fn
-from bdia_fx.passes.rewrite import CHAIN_META_KEY, QUANT_META_KEY, safe_name
+from bdia_fx.passes.rewrite import CHAIN_META_KEY, QUANT_META_KEY, graph_module, safe_name
 from bdia_fx.report import ChainInfo
 
 REVERT_META_KEY = "bdia_reverted"
@@ -52,7 +52,7 @@ def revert_chains(gm: fx.GraphModule, root: nn.Module, quantize: bool, frac_bits
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
     graph.lint()
-    return fx.GraphModule(root, graph, class_name="BDIARevertedGraph")
+    return graph_module(graph, "BDIARevertedGraph", root, gm)
 
 
 def _sides_by_name(chain_node: fx.Node, env: dict[fx.Node, fx.Node]) -> dict[str, fx.Node]:

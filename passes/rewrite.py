@@ -59,7 +59,30 @@ def rewrite_chains(ep: torch.export.ExportedProgram, root: nn.Module, report: Ch
             out.meta["val"] = by_name[chain.blocks[-1].stream_out].meta["val"]
         env[by_name[chain.blocks[-1].stream_out]] = out
     graph.lint()
-    return fx.GraphModule(root, graph, class_name="BDIARewrittenGraph")
+    return graph_module(graph, "BDIARewrittenGraph", root, ep.graph_module)
+
+
+def graph_module(graph: fx.Graph, class_name: str, *roots: nn.Module) -> fx.GraphModule:
+    """A GraphModule for ``graph`` whose ``call_module``/``get_attr`` targets are looked up in
+    ``roots`` in order (blocks live on the model; captured sub-graphs such as ``submod_1`` of
+    higher-order ops on the exported program's module)."""
+    owners: dict[str, object] = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr") and node.target not in owners:
+            for root in roots:
+                try:
+                    owners[node.target] = _lookup(root, node.target)
+                    break
+                except AttributeError:
+                    continue
+    return fx.GraphModule(owners, graph, class_name=class_name)
+
+
+def _lookup(root: nn.Module, target: str) -> object:
+    value: object = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def safe_name(path: str) -> str:

@@ -71,3 +71,20 @@ def bert(layers: int = 2, d: int = 32):
 
     return BertModel(BertConfig(vocab_size=64, hidden_size=d, num_hidden_layers=layers, num_attention_heads=4,
                                 intermediate_size=2 * d, max_position_embeddings=64))
+
+
+def llama(layers: int = 3, d: int = 32):
+    """Rotary embeddings (cos/sin side inputs), grouped-query attention, RMSNorm."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+
+
+def neox(layers: int = 3, d: int = 32):
+    """Parallel residual blocks (x + attn(ln1 x) + mlp(ln2 x)) with rotary embeddings and dropout."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
+                                            num_attention_heads=4, max_position_embeddings=64,
+                                            use_parallel_residual=True, hidden_dropout=0.1))

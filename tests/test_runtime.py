@@ -9,7 +9,7 @@ import bdia_fx
 from bdia_fx import BDIAConfig
 from bdia_fx.convert import state_of
 
-from models import TinyGPT, encoder, gpt2, vit
+from models import TinyGPT, encoder, gpt2, llama, neox, vit
 
 L = 9
 
@@ -37,6 +37,8 @@ CASES = {
     "tiny-gpt-dropout": (lambda: TinyGPT(layers=5, dropout=0.1), lambda: (torch.randint(0, 50, (3, 9)),), {}),
     "hf-gpt2": (lambda: gpt2(3), lambda: (torch.randint(0, 64, (2, 8)),), {"use_cache": False}),
     "hf-vit": (lambda: vit(3), lambda: (torch.randn(2, 1, 16, 16),), {}),
+    "hf-llama-rotary": (lambda: llama(3), lambda: (torch.randint(0, 64, (2, 8)),), {"use_cache": False}),
+    "hf-neox-parallel-residual": (lambda: neox(3), lambda: (torch.randint(0, 64, (2, 8)),), {"use_cache": False}),
 }
 
 

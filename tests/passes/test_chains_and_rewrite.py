@@ -7,7 +7,7 @@ from bdia_fx.convert import state_of
 from bdia_fx.fixed_point import quantize
 from bdia_fx.passes import CHAIN_META_KEY
 
-from models import encoder, gpt2, vit
+from models import encoder, gpt2, llama, neox, vit
 
 
 def test_report_lists_blocks_side_inputs_and_randomness():
@@ -50,3 +50,14 @@ def test_dropout_with_p_zero_is_not_random():
     for p, random in ((0.0, False), (0.1, True)):
         report = bdia_fx.find_chains(encoder(2, dropout=p), (torch.randn(2, 4, 32),))
         assert [b.random for b in report.chains[0].blocks] == [random, random]
+
+
+def test_llama_blocks_read_rotary_tables_and_neox_blocks_are_parallel_residual():
+    ids = torch.randint(0, 64, (2, 8))
+    (chain,) = bdia_fx.find_chains(llama(2), (ids,), {"use_cache": False}).chains
+    assert chain.block_paths == ("model.layers.0", "model.layers.1")
+    shapes = [s.shape for s in chain.blocks[0].side_inputs]
+    assert sum(1 for shape in shapes if shape is not None and shape[-1] == 8) >= 2  # cos and sin, head dim 8
+    (chain,) = bdia_fx.find_chains(neox(2), (ids,), {"use_cache": False}).chains
+    assert chain.block_paths == ("gpt_neox.layers.0", "gpt_neox.layers.1")
+    assert all(b.random for b in chain.blocks)
