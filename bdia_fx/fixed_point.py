@@ -24,7 +24,7 @@ def exact_code_limit(dtype: torch.dtype) -> int:
 
 def to_codes(x: torch.Tensor, frac_bits: int, where: str = "") -> torch.Tensor:
     """``round(x · 2^l)`` as int32; raise :class:`FixedPointRangeError` outside the exact range."""
-    scaled = torch.round(x * (2.0**frac_bits))
+    scaled = x.mul(2.0**frac_bits).round_()
     _check_range(scaled, x.dtype, frac_bits, where)
     return scaled.to(torch.int32)
 
@@ -36,9 +36,11 @@ def check_codes(codes: torch.Tensor, dtype: torch.dtype, frac_bits: int, where: 
 
 def _check_range(codes: torch.Tensor, dtype: torch.dtype, frac_bits: int, where: str) -> None:
     limit = exact_code_limit(dtype)
-    peak = codes.abs().amax() if codes.numel() else codes.new_zeros(())
-    if not bool(peak < limit):  # also catches NaN and inf
-        value = float(peak) / 2.0**frac_bits
+    if not codes.numel():
+        return
+    low, high = torch.aminmax(codes)  # one pass, no |codes| temporary
+    if not (bool(high < limit) and bool(low > -limit)):  # also catches NaN and inf
+        value = max(abs(float(low)), abs(float(high))) / 2.0**frac_bits
         raise FixedPointRangeError(
             f"fixed-point overflow: |x| reached {value:.6g}, beyond the exact range |x| < "
             f"2^{limit.bit_length() - 1 - frac_bits} = {limit / 2.0**frac_bits:.6g} of {dtype} codes at "
@@ -49,7 +51,7 @@ def _check_range(codes: torch.Tensor, dtype: torch.dtype, frac_bits: int, where:
 
 def from_codes(codes: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
     """The float values ``code · 2^-l`` (exact for codes within :func:`exact_code_limit`)."""
-    return codes.to(dtype) * (2.0**-frac_bits)
+    return codes.to(dtype).mul_(2.0**-frac_bits)
 
 
 def quantize(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
