@@ -7,10 +7,9 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
-
 from bdia_fx.convert import state_of
 from bdia_fx.errors import ConversionError
+from bdia_fx.memory import default_loss
 
 
 @dataclass(frozen=True)
@@ -39,13 +38,6 @@ class ExactnessReport:
         return "\n".join(lines)
 
 
-def _default_loss(out: Any) -> torch.Tensor:
-    floats = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if not floats:
-        raise ConversionError("the model returned no floating-point tensor; pass loss_fn")
-    return floats[0].float().square().mean()
-
-
 def check_exactness(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict | None = None,
                     loss_fn: Callable[[Any], torch.Tensor] | None = None) -> ExactnessReport:
     """Run one reversible training step of a converted ``model`` and compare, on integer codes,
@@ -66,7 +58,7 @@ def check_exactness(model: nn.Module, example_inputs: tuple = (), example_kwargs
     for runtime in runtimes:
         runtime.code_trace = {"forward": [], "backward": []}
     try:
-        (loss_fn or _default_loss)(model(*example_inputs, **dict(example_kwargs or {}))).backward()
+        (loss_fn or default_loss)(model(*example_inputs, **dict(example_kwargs or {}))).backward()
         blocks = []
         for runtime in runtimes:
             forward, rebuilt = runtime.code_trace["forward"], runtime.code_trace["backward"]

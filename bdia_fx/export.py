@@ -66,7 +66,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: tuple
         raise ExportError("export_onnx needs example inputs (example_inputs and/or example_kwargs)")
     exported = _inference_model(model, quantize)
     args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
-    named = _bind(exported, args, kwargs)
+    named, argument_names = _bind(exported, args, kwargs)
     axes = _dynamic_axes(exported, named, dynamic_batch, dynamic_seq)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -80,7 +80,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: tuple
             try:
                 program = torch_onnx.export(
                     exported, args, kwargs=kwargs, dynamo=True, verbose=False,
-                    dynamic_shapes=_dynamic_shapes(exported, args, kwargs, axes) if axes else None)
+                    dynamic_shapes=_dynamic_shapes(argument_names, axes) if axes else None)
             except Exception as error:  # the exporter's own errors are long; keep the first line visible
                 raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: "
                                   f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}") from error
@@ -157,7 +157,7 @@ def run_onnx(path: str | os.PathLike, model: nn.Module, example_inputs: tuple = 
     _import_onnx()
     import onnxruntime
 
-    named = _bind(model, tuple(example_inputs), dict(example_kwargs or {}))
+    named, _ = _bind(model, tuple(example_inputs), dict(example_kwargs or {}))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {}
     for spec in session.get_inputs():
@@ -208,8 +208,9 @@ def _inference_model(model: nn.Module, quantize: bool) -> nn.Module:
     return exported.eval()
 
 
-def _bind(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
-    """Tensor arguments of ``model.forward(*args, **kwargs)`` by parameter name (the ONNX input names)."""
+def _bind(model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Tensor arguments of ``model.forward(*args, **kwargs)`` by parameter name (the ONNX input
+    names), and the names of all bound arguments (the keys of ``torch.export`` dynamic shapes)."""
     signature = inspect.signature(model.forward)
     try:
         bound = signature.bind(*args, **kwargs)
@@ -228,7 +229,7 @@ def _bind(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, torch.Tensor
         elif any(isinstance(v, torch.Tensor) for v in tree_flatten(value)[0]):
             raise ExportError(f"argument '{name}' nests tensors in a {type(value).__name__}; pass tensors as "
                               "top-level arguments to export them")
-    return named
+    return named, list(bound.arguments)
 
 
 def _dynamic_axes(model: nn.Module, named: dict[str, torch.Tensor], batch: bool, seq: bool) -> dict[str, dict[int, str]]:
@@ -262,11 +263,10 @@ def _dynamic_axes(model: nn.Module, named: dict[str, torch.Tensor], batch: bool,
     return axes
 
 
-def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, axes: dict[str, dict[int, str]]) -> dict[str, Any]:
+def _dynamic_shapes(argument_names: list[str], axes: dict[str, dict[int, str]]) -> dict[str, Any]:
     """``torch.export`` dynamic shapes by argument name: ``Dim.AUTO`` on every batch/seq axis."""
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
     return {name: ({dim: torch.export.Dim.AUTO for dim in axes[name]} if name in axes else None)
-            for name in bound.arguments}
+            for name in argument_names}
 
 
 def _check_axes_stayed_dynamic(proto: Any, axes: dict[str, dict[int, str]]) -> None:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from bdia_fx.convert import is_converted, state_of
+from bdia_fx.errors import ConversionError
 from bdia_fx.module_tree import original_class, proxy_class, shallow_clone
 from bdia_fx.report import ChainReport
 
@@ -21,28 +24,47 @@ def saved_activation_bytes(model: nn.Module, loss_fn: Callable[[], torch.Tensor]
     buffers excluded) plus the chain states a converted model keeps on its autograd Functions,
     with the side inputs (masks, ...) those states hold for the recompute.
     """
-    param_ptrs = _model_storages(model)
     storages: dict[int, int] = {}
+    runtimes = list(state_of(model).runtimes.values()) if is_converted(model) else []
+    for runtime in runtimes:
+        runtime.memory_record = {}
+    try:
+        with _recording_saved_tensors(model, lambda pointer, nbytes: storages.__setitem__(pointer, nbytes)):
+            loss = loss_fn()
+        state_bytes = 0
+        model_storages = _model_storages(model)
+        for runtime in runtimes:  # the side inputs a chain state keeps for its recompute (once per chain)
+            record = runtime.memory_record
+            storages.update({p: n for p, n in record.get("side_storages", {}).items() if p not in model_storages})
+            state_bytes += record.get("state_bytes", 0)
+    finally:
+        for runtime in runtimes:
+            runtime.memory_record = None
+    loss.backward()
+    return sum(storages.values()) + state_bytes
+
+
+def default_loss(out: Any) -> torch.Tensor:
+    """The mean square of the first floating-point tensor of a model output (a loss for measurements)."""
+    floats = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not floats:
+        raise ConversionError("the model returned no floating-point tensor to take a loss of; pass a loss function")
+    return floats[0].float().square().mean()
+
+
+@contextlib.contextmanager
+def _recording_saved_tensors(model: nn.Module, record: Callable[[int, int], None]) -> Iterator[None]:
+    """Call ``record(storage address, bytes)`` for every tensor autograd saves, except the model's own."""
+    model_storages = _model_storages(model)
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         pointer = _data_pointer(t)
-        if pointer is not None and pointer not in param_ptrs:
-            storages[pointer] = t.untyped_storage().nbytes()
+        if pointer is not None and pointer not in model_storages:
+            record(pointer, t.untyped_storage().nbytes())
         return t
 
-    runtimes = []
-    state = model.__dict__.get("_bdia_state")
-    if state is not None:
-        runtimes = list(state.runtimes.values())
-        for runtime in runtimes:
-            runtime.last_state_nbytes, runtime.last_side_storages = 0, {}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn()
-    for runtime in runtimes:  # the side inputs a chain state keeps for its recompute (once per chain)
-        storages.update({ptr: n for ptr, n in runtime.last_side_storages.items() if ptr not in param_ptrs})
-    total = sum(storages.values()) + sum(r.last_state_nbytes for r in runtimes)
-    loss.backward()
-    return total
+        yield
 
 
 def _model_storages(model: nn.Module) -> set[int]:
@@ -83,7 +105,7 @@ class MemoryEstimate:
     def bdia(self) -> int:
         """x_K and x_{K-1} in full, K-1 packed side-bit tensors (1 bit per element), RNG states, side inputs.
 
-        (The γ signs, 4 bytes per sample per block, are left out.)
+        (The γ signs, 1 byte per sample per block, are left out.)
         """
         rng_state = torch.get_rng_state().numel()
         total = self.outside_chains
@@ -106,8 +128,8 @@ def estimate_saved_bytes(model: nn.Module, report: ChainReport, loss_fn: Callabl
     per_chain = {chain.container: 0 for chain in report.chains}
     streams: dict[str, tuple[int, int]] = {}
     sides: dict[str, dict[int, int]] = {chain.container: {} for chain in report.chains}
-    seen: dict[int, str] = {}
-    param_ptrs = _model_storages(model)
+    seen: dict[int, tuple[str, int]] = {}
+    model_storages = _model_storages(model)
     handles = []
     for path, chain in owner.items():
         def enter(module, args, kwargs, _path=path, _chain=chain):
@@ -118,19 +140,16 @@ def estimate_saved_bytes(model: nn.Module, report: ChainReport, loss_fn: Callabl
                 streams[_chain] = (stream.numel(), stream.numel() * stream.element_size())
             for side in tensors:
                 pointer = _data_pointer(side)
-                if side is not stream and pointer is not None and pointer not in param_ptrs:
+                if side is not stream and pointer is not None and pointer not in model_storages:
                     sides[_chain][pointer] = side.untyped_storage().nbytes()
         handles.append(modules[path].register_forward_pre_hook(enter, with_kwargs=True))
         handles.append(modules[path].register_forward_hook(lambda *_: running.pop() and None))
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        pointer = _data_pointer(t)
-        if pointer is not None and pointer not in param_ptrs:
-            seen[pointer] = (owner[running[-1]] if running else "", t.untyped_storage().nbytes())
-        return t
+    def record(pointer: int, nbytes: int) -> None:
+        seen[pointer] = (owner[running[-1]] if running else "", nbytes)
 
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with _recording_saved_tensors(model, record):
             loss_fn()
     finally:
         for handle in handles:

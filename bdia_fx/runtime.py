@@ -183,8 +183,7 @@ class ChainRuntime:
         self.batch_dim = batch_dim
         self.random_blocks = list(random_blocks)
         self.code_trace: dict[str, list[torch.Tensor]] | None = None  # set by bdia_fx.check_exactness
-        self.last_state_nbytes = 0  # bytes the last reversible call kept for backward
-        self.last_side_storages: dict[int, int] = {}  # storage address -> bytes of its block-call tensors
+        self.memory_record: dict[str, Any] | None = None  # filled per call while bdia_fx.memory measures
         self._state: Any = None
         self._last_out: torch.Tensor | None = None
         self._index = 0
@@ -298,9 +297,11 @@ class ChainRuntime:
     def _attach(self, st: ChainState) -> torch.Tensor:
         self._state, self._last_out = None, None
         link, st.x_in = st.x_in, None
-        self.last_state_nbytes = st.nbytes()
-        self.last_side_storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                                   for call in st.calls for t in call.leaves if isinstance(t, torch.Tensor)}
+        if self.memory_record is not None:  # only while measuring: kept off the training hot path
+            self.memory_record["state_bytes"] = st.nbytes()
+            self.memory_record["side_storages"] = {
+                t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for call in st.calls for t in call.leaves if isinstance(t, torch.Tensor)}
         for index, (block, call) in enumerate(zip(self.blocks, st.calls)):
             sides = list({id(t): t for t in call.leaves if isinstance(t, torch.Tensor) and t.requires_grad}.values())
             params = list({id(p): p for p in block.parameters() if p.requires_grad}.values())

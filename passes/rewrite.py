@@ -12,6 +12,8 @@ is executed by :class:`bdia_fx.runtime.ChainRuntime`, which runs the container's
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx, nn
 
@@ -71,18 +73,11 @@ def graph_module(graph: fx.Graph, class_name: str, *roots: nn.Module) -> fx.Grap
         if node.op in ("call_module", "get_attr") and node.target not in owners:
             for root in roots:
                 try:
-                    owners[node.target] = _lookup(root, node.target)
+                    owners[node.target] = operator.attrgetter(node.target)(root)
                     break
                 except AttributeError:
                     continue
     return fx.GraphModule(owners, graph, class_name=class_name)
-
-
-def _lookup(root: nn.Module, target: str) -> object:
-    value: object = root
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def safe_name(path: str) -> str:

@@ -28,9 +28,9 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
 import bdia_fx
+from bdia_fx.convert import state_of
 from bdia_fx.errors import ConversionError
 
 TORCH_MODELS = ("transformer-encoder", "transformer")
@@ -164,21 +164,14 @@ def _factory_model(args: argparse.Namespace) -> tuple[nn.Module, Inputs, str]:
 
 
 # ---------------------------------------------------------------- memory table
-def _loss(out: Any) -> torch.Tensor:
-    floats = [leaf for leaf in tree_flatten(out)[0] if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
-    if not floats:
-        raise ConversionError("the model returned no floating-point tensor to take a loss of")
-    return floats[0].float().square().mean()
-
-
 def memory_table(model: nn.Module, make_inputs: Inputs, batch: int, seq: int, measure: bool) -> list[dict]:
     """Estimated (and measured) saved-for-backward bytes of one training step per method."""
-    from bdia_fx.memory import checkpoint_blocks, estimate_saved_bytes, saved_activation_bytes
+    from bdia_fx.memory import checkpoint_blocks, default_loss, estimate_saved_bytes, saved_activation_bytes
 
     args, kwargs = make_inputs(batch, seq)
     report = bdia_fx.find_chains(model, args, kwargs)
     model.train()
-    estimate = estimate_saved_bytes(model, report, lambda: _loss(model(*args, **kwargs)))
+    estimate = estimate_saved_bytes(model, report, lambda: default_loss(model(*args, **kwargs)))
     rows = [{"method": "plain", "estimated": estimate.plain},
             {"method": "checkpoint", "estimated": estimate.checkpoint},
             {"method": "bdia", "estimated": estimate.bdia}]
@@ -187,7 +180,7 @@ def memory_table(model: nn.Module, make_inputs: Inputs, batch: int, seq: int, me
                     "bdia": bdia_fx.convert(model, args, kwargs)}
         for row in rows:
             variant = variants[row["method"]].train()
-            row["measured"] = saved_activation_bytes(variant, lambda: _loss(variant(*args, **kwargs)))
+            row["measured"] = saved_activation_bytes(variant, lambda: default_loss(variant(*args, **kwargs)))
     return rows
 
 
@@ -210,14 +203,18 @@ def print_memory(rows: list[dict], batch: int, seq: int) -> None:
 def run(args: argparse.Namespace) -> dict:
     model, make_inputs, label = build(args)
     example_args, example_kwargs = make_inputs(args.batch, args.seq)
-    report = bdia_fx.find_chains(model, example_args, example_kwargs)
     print(f"model: {label}")
+    try:
+        converted = bdia_fx.convert(model, example_args, example_kwargs)
+    except ConversionError:
+        print(bdia_fx.find_chains(model, example_args, example_kwargs))  # what was found and why it was refused
+        raise
+    report = state_of(converted).report
     print(report)
     result: dict[str, Any] = {"model": label, "chains": [
         {"container": c.container, "blocks": list(c.block_paths), "side_inputs": [str(s) for s in c.side_inputs]}
         for c in report.chains], "rejections": [
         {"module": r.module, "node": r.node, "reason": r.reason} for r in report.rejections]}
-    converted = bdia_fx.convert(model, example_args, example_kwargs)  # raises ConversionError on refusal
     if args.graph:
         print("\nrewritten graph:")
         print(bdia_fx.graph_of(converted).graph)
