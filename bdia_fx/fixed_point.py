@@ -51,6 +51,8 @@ def _check_range(codes: torch.Tensor, dtype: torch.dtype, frac_bits: int, where:
 
 def from_codes(codes: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
     """The float values ``code · 2^-l`` (exact for codes within :func:`exact_code_limit`)."""
+    if dtype == torch.get_default_dtype():  # int tensor × float scalar: one pass, in the default dtype
+        return codes.mul(2.0**-frac_bits)
     return codes.to(dtype).mul_(2.0**-frac_bits)
 
 
@@ -60,19 +62,15 @@ def quantize(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
     return torch.round(x * scale) / scale
 
 
-def side_bits(codes: torch.Tensor) -> torch.Tensor:
-    """The non-negative remainder ``code mod 2`` (``& 1``, never ``fmod``) as int32."""
-    return codes & 1
-
-
 def half_term(codes: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """Codes of Q[γx] for γ = sign/2: ``γ (a − s)``, an exact integer."""
-    return sign * ((codes - side_bits(codes)) >> 1)
+    """Codes of Q[γx] for γ = sign/2: ``γ (a − s)`` with ``s = a mod 2``, i.e. ``sign · (a >> 1)``
+    (the arithmetic shift floors, so ``(a − s) >> 1 == a >> 1`` exactly)."""
+    return (codes >> 1).mul_(sign)
 
 
 def bdia_forward(a: torch.Tensor, b: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """x_{k+1} codes from x_{k-1} codes ``a`` and the update codes ``b``: ``γ(a − s) + b``."""
-    return half_term(a, sign) + b
+    return half_term(a, sign).add_(b)
 
 
 def bdia_inverse(c: torch.Tensor, b: torch.Tensor, sign: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
@@ -82,23 +80,28 @@ def bdia_inverse(c: torch.Tensor, b: torch.Tensor, sign: torch.Tensor, bits: tor
     return a.add_(bits)
 
 
-def update_value(f: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """(1−γ)x + (1+γ)h(x) written with the block output f = x + h(x): ``(1+γ)f − 2γx``."""
-    return (1.0 + gamma) * f - (2.0 * gamma) * x
+def update_value(f: torch.Tensor, x: torch.Tensor, coef_f: torch.Tensor, coef_x: torch.Tensor) -> torch.Tensor:
+    """(1−γ)x + (1+γ)h(x) written with the block output f = x + h(x): ``(1+γ)f − 2γx``,
+    given ``coef_f = 1+γ`` and ``coef_x = −2γ`` (two passes, differentiable)."""
+    return torch.addcmul(f * coef_f, x, coef_x)
 
 
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """Pack a 0/1 tensor 8 elements per byte (uint8, little-endian bit order)."""
-    flat = bits.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % 8
+_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def pack_side_bits(codes: torch.Tensor) -> torch.Tensor:
+    """The side bits ``s = code mod 2`` (non-negative, the low bit) packed 8 per byte, uint8
+    little-endian bit order (integer-to-uint8 conversion keeps the low byte, two's complement)."""
+    bits = codes.reshape(-1).to(torch.uint8).bitwise_and_(1)
+    pad = (-bits.numel()) % 8
     if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flat.device)
-    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+        bits = torch.cat([bits, bits.new_zeros(pad)])
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=bits.device)
+    return bits.view(-1, 8).mul_(weights).sum(dim=1, dtype=torch.uint8)
 
 
-def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: a uint8 0/1 tensor of ``shape``."""
+def unpack_side_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`pack_side_bits`: a uint8 0/1 tensor of ``shape``."""
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     bits = (packed.unsqueeze(1) >> shifts).bitwise_and_(1)
     numel = 1

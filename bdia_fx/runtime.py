@@ -150,7 +150,7 @@ class _StreamUpdate(torch.autograd.Function):
             new = fp.bdia_forward(chain.below, b, sign)
             fp.check_codes(new, chain.dtype, l, runtime.block_paths[k])
             if chain.reversible:
-                saved.append(fp.pack_bits(fp.side_bits(chain.below)))
+                saved.append(fp.pack_side_bits(chain.below))
         if chain.reversible and last:
             saved += [new, chain.top]
         ctx.save_for_backward(*saved)
@@ -170,7 +170,7 @@ class _StreamUpdate(torch.autograd.Function):
                 chain.codes[k + 1], chain.codes[k] = saved
         if k == 0:
             return None, None, None, grad
-        gamma = 0.5 * chain.runtime._gamma_view(chain.signs[k - 1], grad.dim()).to(grad.dtype)
+        gamma = chain.runtime._gamma_view(chain.gamma[k - 1], grad.dim())
         return None, None, grad * gamma, grad
 
 
@@ -182,6 +182,9 @@ class _ChainCall:
     signs: torch.Tensor                 # [K-1, B] int8, ±1 (γ = sign/2)
     dtype: torch.dtype
     reversible: bool
+    gamma: torch.Tensor = field(init=False)    # [K-1, B] γ in the stream dtype
+    coef_f: torch.Tensor = field(init=False)   # 1 + γ
+    coef_x: torch.Tensor = field(init=False)   # -2γ
     below: torch.Tensor | None = None   # forward: codes of x_{k-1}
     top: torch.Tensor | None = None     # forward: codes of x_k
     stream: torch.Tensor | None = None  # forward: x_k, the value block k reads
@@ -191,6 +194,10 @@ class _ChainCall:
     checksums: list[torch.Tensor] = field(default_factory=list)
     codes: dict[int, torch.Tensor] = field(default_factory=dict)  # backward: codes of x_j on the walk down
     bits: dict[int, torch.Tensor] = field(default_factory=dict)   # backward: side bits for block k
+
+    def __post_init__(self) -> None:
+        self.gamma = 0.5 * self.signs.to(self.dtype)
+        self.coef_f, self.coef_x = 1.0 + self.gamma, -2.0 * self.gamma
 
 
 class _Step:
@@ -224,7 +231,11 @@ class _Step:
         if x._version != version:
             raise ConversionError("in-place op on the residual stream input inside the block", module=where)
         sign = runtime._gamma_view(chain.signs[k - 1], f.dim()) if k > 0 else None
-        v = f if k == 0 else fp.update_value(f, x, 0.5 * sign.to(f.dtype))
+        if k > 0:
+            v = fp.update_value(f, x, runtime._gamma_view(chain.coef_f[k - 1], f.dim()),
+                                runtime._gamma_view(chain.coef_x[k - 1], f.dim()))
+        else:
+            v = f
         with torch.no_grad():
             b = fp.to_codes(v.detach(), l, where)
             if not self.forward_done:
@@ -248,7 +259,7 @@ class _Step:
         if k == 0:
             chain.codes.pop(0)
             return
-        bits = fp.unpack_bits(chain.bits.pop(k), b.shape)
+        bits = fp.unpack_side_bits(chain.bits.pop(k), b.shape)
         chain.codes[k - 1] = fp.bdia_inverse(above, b, sign, bits)
         chain.runtime._trace("backward", chain.codes[k - 1])
 

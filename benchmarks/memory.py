@@ -4,10 +4,11 @@ Method (shared/BENCHMARKS.md): saved-for-backward bytes via saved_tensors_hooks 
 chain state; peak RSS in a fresh process per configuration (MALLOC_MMAP_THRESHOLD_=65536, VmHWM
 reset through /proc/self/clear_refs) over the baseline after warm-up steps, with the gradient
 buffers allocated and zeroed in place as in a training loop (so they are not counted as peak);
-step time as the
-median of N steps after 2 warm-ups, all methods interleaved in this one process, as ratios to plain.
+step time as the median of N steps after 2 warm-ups, all methods interleaved in this one
+process, as ratios to plain, to checkpoint (torch's default, early stop on) and to
+checkpoint-full (early stop off: every block recomputed whole, the recompute BDIA needs).
 
-    python benchmarks/memory.py [--layers 4 8 12 24] [--steps 5] [--json results/memory.json]
+    python benchmarks/memory.py [--layers 4 8 12 24] [--steps 10] [--json results/memory.json]
 """
 
 from __future__ import annotations
@@ -27,20 +28,27 @@ from torch import nn
 import bdia_fx
 from bdia_fx.memory import saved_activation_bytes
 
-METHODS = ("plain", "checkpoint", "bdia", "bdia-stored")
+METHODS = ("plain", "checkpoint", "checkpoint-full", "bdia", "bdia-stored")
 B, T, D, HEADS = 8, 64, 256, 4
 
 
 class Checkpointed(nn.Module):
-    """The same encoder with torch.utils.checkpoint (non-reentrant) around every block."""
+    """The same encoder with torch.utils.checkpoint (non-reentrant) around every block.
 
-    def __init__(self, encoder: nn.TransformerEncoder):
+    ``early_stop=True`` is torch's default: the recompute stops once the last tensor backward
+    needs is rebuilt, which skips each block's final matmul and residual add. ``False`` recomputes
+    each block whole, as BDIA must (its rebuild of x_{k-1} needs the block's full output).
+    """
+
+    def __init__(self, encoder: nn.TransformerEncoder, early_stop: bool = True):
         super().__init__()
         self.layers = encoder.layers
+        self.early_stop = early_stop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = checkpoint.checkpoint(layer, x, use_reentrant=False)
+        with checkpoint.set_checkpoint_early_stop(self.early_stop):
+            for layer in self.layers:
+                x = checkpoint.checkpoint(layer, x, use_reentrant=False)
         return x
 
 
@@ -49,8 +57,8 @@ def build(method: str, layers: int) -> tuple[nn.Module, torch.Tensor]:
     layer = nn.TransformerEncoderLayer(D, HEADS, 4 * D, dropout=0.0, batch_first=True, norm_first=True)
     model = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
     x = torch.randn(B, T, D)
-    if method == "checkpoint":
-        model = Checkpointed(model)
+    if method.startswith("checkpoint"):
+        model = Checkpointed(model, early_stop=method == "checkpoint")
     elif method.startswith("bdia"):
         mode = "stored" if method == "bdia-stored" else "reversible"
         model = bdia_fx.convert(model, (x,), config=bdia_fx.BDIAConfig(mode=mode))
@@ -108,7 +116,7 @@ def memory_in_fresh_process(method: str, layers: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 12, 24])
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "K"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -118,18 +126,20 @@ def main() -> None:
         return
     rows = []
     print(f"one training step, B={B} T={T} d={D} heads={HEADS} MLP 4d, fp32, {torch.get_num_threads()} threads")
-    print(f"{'K':>3} {'method':<12} {'saved MiB':>10} {'peak MiB':>9} {'peak/plain':>10} {'time/plain':>10} {'time/ckpt':>9}")
+    print(f"{'K':>3} {'method':<15} {'saved MiB':>10} {'peak MiB':>9} {'peak/plain':>10} {'time/plain':>10} "
+          f"{'time/ckpt':>9} {'time/ckpt-full':>14}")
     for layers in args.layers:
         times = measure_times(layers, args.steps)
         mem = {m: memory_in_fresh_process(m, layers) for m in METHODS}
         for m in METHODS:
             row = {"K": layers, "method": m, **mem[m], "step_s": times[m],
                    "peak_vs_plain": mem[m]["peak_bytes"] / mem["plain"]["peak_bytes"],
-                   "time_vs_plain": times[m] / times["plain"], "time_vs_checkpoint": times[m] / times["checkpoint"]}
+                   "time_vs_plain": times[m] / times["plain"], "time_vs_checkpoint": times[m] / times["checkpoint"],
+                   "time_vs_checkpoint_full": times[m] / times["checkpoint-full"]}
             rows.append(row)
-            print(f"{layers:>3} {m:<12} {row['saved_bytes'] / 2**20:>10.2f} {row['peak_bytes'] / 2**20:>9.1f} "
-                  f"{row['peak_vs_plain']:>10.2f} {row['time_vs_plain']:>10.2f} {row['time_vs_checkpoint']:>9.2f}",
-                  flush=True)
+            print(f"{layers:>3} {m:<15} {row['saved_bytes'] / 2**20:>10.2f} {row['peak_bytes'] / 2**20:>9.1f} "
+                  f"{row['peak_vs_plain']:>10.2f} {row['time_vs_plain']:>10.2f} {row['time_vs_checkpoint']:>9.2f} "
+                  f"{row['time_vs_checkpoint_full']:>14.2f}", flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
