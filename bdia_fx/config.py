@@ -18,7 +18,11 @@ class BDIAConfig:
         frac_bits: fractional bits ``l`` of the fixed-point grid (values are multiples of 2^-l).
         gammas: the set γ is drawn from, uniformly, per sample per block. Only ±½ keep the
             update exactly invertible with one side bit; ``(0.5,)`` or ``(-0.5,)`` fix γ.
-        granularity: ``"block"`` (one step per repeated block module, the paper's choice).
+        granularity: ``"block"`` (one step per repeated block module, the paper's choice) or
+            ``"sublayer"`` (every sequential residual add its own step: attention and MLP of a
+            pre-LN block are two steps; a parallel-residual block stays one). Sublayer steps run
+            from each block's exported training graph, exported once per call pattern and
+            input shapes.
         mode: ``"reversible"`` (store x_K, x_{K-1} and side bits, recompute on backward) or
             ``"stored"`` (the same forward under ordinary autograd: the reference).
         verify: store a checksum of every block's output codes in forward and check the
@@ -30,7 +34,7 @@ class BDIAConfig:
 
     frac_bits: int = 9
     gammas: tuple[float, ...] = (-0.5, 0.5)
-    granularity: Literal["block"] = "block"
+    granularity: Literal["block", "sublayer"] = "block"
     mode: Literal["reversible", "stored"] = "reversible"
     verify: bool = False
     quantize_eval: bool = True
@@ -46,10 +50,8 @@ class BDIAConfig:
                 "only γ = ±½ make Q[γx] exact with one side bit per element"
             )
         object.__setattr__(self, "gammas", gammas)
-        if self.granularity != "block":
-            raise ConversionError(
-                f"BDIAConfig.granularity={self.granularity!r} is not supported by this version; use 'block'"
-            )
+        if self.granularity not in ("block", "sublayer"):
+            raise ConversionError(f"BDIAConfig.granularity must be 'block' or 'sublayer', got {self.granularity!r}")
         if self.mode not in ("reversible", "stored"):
             raise ConversionError(f"BDIAConfig.mode must be 'reversible' or 'stored', got {self.mode!r}")
         if self.batch_dim is not None and self.batch_dim not in (0, 1):

@@ -22,6 +22,7 @@ from bdia_fx.module_tree import infer_batch_dim, install_proxy, original_class, 
 from bdia_fx.passes.capture import capture
 from bdia_fx.passes.chains import find_chains_in_graph
 from bdia_fx.passes.rewrite import rewrite_chains
+from bdia_fx.passes.sublayers import check_sublayers
 from bdia_fx.report import ChainReport
 from bdia_fx.runtime import ChainRuntime, capture_mode, capturing
 
@@ -130,6 +131,8 @@ def _plan(model: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) ->
         ep = capture(model, args, kwargs)
     report = find_chains_in_graph(ep, model)
     _refuse_if_unconvertible(report)
+    if state.config.granularity == "sublayer":
+        check_sublayers(ep, report)  # refuses, naming the node, blocks that cannot be cut at their adds
     if not state.runtimes:
         modules = dict(model.named_modules())
         for chain in report.chains:

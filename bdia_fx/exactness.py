@@ -62,10 +62,10 @@ def check_exactness(model: nn.Module, example_inputs: tuple = (), example_kwargs
         blocks = []
         for runtime in runtimes:
             forward, rebuilt = runtime.code_trace["forward"], runtime.code_trace["backward"]
-            k_top = len(runtime.blocks) - 2  # backward rebuilds x_{K-2} … x_0
+            k_top = len(runtime.step_paths) - 2  # backward rebuilds x_{K-2} … x_0 (K steps: blocks or sublayers)
             for k, codes in zip(range(k_top, -1, -1), rebuilt):
                 error = (codes.to(torch.int64) - forward[k].to(torch.int64)).abs()
-                blocks.append(BlockExactness(runtime.container, runtime.block_paths[k], error.numel(),
+                blocks.append(BlockExactness(runtime.container, runtime.step_paths[k], error.numel(),
                                              int((error != 0).sum()), int(error.max()) if error.numel() else 0))
     finally:
         for runtime in runtimes:

@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from bdia_fx import fixed_point as fp
 from bdia_fx.config import BDIAConfig
 from bdia_fx.errors import ConversionError, ReversibilityError
+from bdia_fx.passes.sublayers import plan_block_call
 
 
 _capturing = [False]
@@ -134,21 +135,20 @@ class _StreamUpdate(torch.autograd.Function):
 
     In reversible mode it saves the packed side bits of x_{k-1}, and at the top the codes of x_K
     and x_{K-1}, as ordinary saved tensors (freed by autograd after backward unless the graph is
-    retained); its backward hands them to the chain walk before block k is recomputed.
+    retained); its backward hands them to the chain walk before step k is recomputed.
     """
 
     @staticmethod
-    def forward(ctx, chain: "_ChainCall", k: int, x_below: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
-        runtime, b = chain.runtime, chain.update
-        l, last = runtime.config.frac_bits, k == len(runtime.blocks) - 1
+    def forward(ctx, chain: "_ChainCall", k: int, last: bool, where: str, x_below: torch.Tensor | None,
+                v: torch.Tensor) -> torch.Tensor:
+        b, l = chain.update, chain.frac_bits
         chain.update = None
         saved: list[torch.Tensor] = []
         if k == 0:
             new = b
         else:
-            sign = runtime._gamma_view(chain.signs[k - 1], b.dim())
-            new = fp.bdia_forward(chain.below, b, sign)
-            fp.check_codes(new, chain.dtype, l, runtime.block_paths[k])
+            new = fp.bdia_forward(chain.below, b, chain.view(chain.signs[k - 1], b.dim()))
+            fp.check_codes(new, chain.dtype, l, where)
             if chain.reversible:
                 saved.append(fp.pack_side_bits(chain.below))
         if chain.reversible and last:
@@ -169,71 +169,81 @@ class _StreamUpdate(torch.autograd.Function):
             if saved:  # the top: start the walk down at x_K, x_{K-1}
                 chain.codes[k + 1], chain.codes[k] = saved
         if k == 0:
-            return None, None, None, grad
-        gamma = chain.runtime._gamma_view(chain.gamma[k - 1], grad.dim())
-        return None, None, grad * gamma, grad
+            return None, None, None, None, None, grad
+        return None, None, None, None, grad * chain.view(chain.gamma[k - 1], grad.dim()), grad
 
 
 @dataclass
 class _ChainCall:
     """One training call of a chain: what its steps share while running forward and backward."""
 
-    runtime: "ChainRuntime"
-    signs: torch.Tensor                 # [K-1, B] int8, ±1 (γ = sign/2)
+    batch_dim: int
+    frac_bits: int
     dtype: torch.dtype
     reversible: bool
-    gamma: torch.Tensor = field(init=False)    # [K-1, B] γ in the stream dtype
-    coef_f: torch.Tensor = field(init=False)   # 1 + γ
-    coef_x: torch.Tensor = field(init=False)   # -2γ
+    verify: bool
+    trace: Callable[[str, torch.Tensor], None]
+    signs: list[torch.Tensor] = field(default_factory=list)   # per step k ≥ 1: [B] int8 ±1 (γ = sign/2)
+    gamma: list[torch.Tensor] = field(default_factory=list)   # γ in the stream dtype
+    coef_f: list[torch.Tensor] = field(default_factory=list)  # 1 + γ
+    coef_x: list[torch.Tensor] = field(default_factory=list)  # -2γ
     below: torch.Tensor | None = None   # forward: codes of x_{k-1}
     top: torch.Tensor | None = None     # forward: codes of x_k
-    stream: torch.Tensor | None = None  # forward: x_k, the value block k reads
+    stream: torch.Tensor | None = None  # forward: x_k, the value step k reads
     prev: torch.Tensor | None = None    # forward: x_{k-1} (the autograd edge of the γ-term)
-    update: torch.Tensor | None = None  # forward: codes of Q[v_k] of the block just run
+    update: torch.Tensor | None = None  # forward: codes of Q[v_k] of the step just run
     rebuild: Callable[[torch.Tensor], Any] | None = None  # forward: the block's output structure
     checksums: list[torch.Tensor] = field(default_factory=list)
     codes: dict[int, torch.Tensor] = field(default_factory=dict)  # backward: codes of x_j on the walk down
-    bits: dict[int, torch.Tensor] = field(default_factory=dict)   # backward: side bits for block k
+    bits: dict[int, torch.Tensor] = field(default_factory=dict)   # backward: side bits for step k
 
-    def __post_init__(self) -> None:
-        self.gamma = 0.5 * self.signs.to(self.dtype)
-        self.coef_f, self.coef_x = 1.0 + self.gamma, -2.0 * self.gamma
+    def view(self, per_sample: torch.Tensor, ndim: int) -> torch.Tensor:
+        """A [B] tensor shaped to broadcast over a stream of ``ndim`` dims along the batch dim."""
+        shape = [1] * ndim
+        shape[self.batch_dim] = per_sample.numel()
+        return per_sample.view(shape)
+
+    def draw(self, table: torch.Tensor, x: torch.Tensor) -> None:
+        """Draw γ = sign/2 for every sample of the next step from ``table`` (int8 signs)."""
+        sign = table[torch.randint(len(table), (x.shape[self.batch_dim],))].to(x.device)
+        gamma = 0.5 * sign.to(self.dtype)
+        self.signs.append(sign)
+        self.gamma.append(gamma)
+        self.coef_f.append(1.0 + gamma)
+        self.coef_x.append(-2.0 * gamma)
 
 
 class _Step:
-    """Block k of one chain call as a function of a 0-element anchor only (nothing held).
+    """Step k of one chain call as a function of a 0-element anchor only (nothing held).
 
-    The first call is the forward: it reads the live x_k. Checkpoint calls it again when backward
-    reaches the block: it then reads x_k rebuilt from codes, checks the recompute (``verify``), and
-    inverts the update, leaving the codes of x_{k-1} for block k-1.
+    ``function(x)`` gives the step's f_k(x) = x + h_k(x) and the block's output structure. The
+    first call is the forward: it reads the live x_k. Checkpoint calls it again when backward
+    reaches the step: it then reads x_k rebuilt from codes, checks the recompute (``verify``),
+    and inverts the update, leaving the codes of x_{k-1} for step k-1.
     """
 
-    def __init__(self, chain: _ChainCall, k: int, block: nn.Module, original: type, call: _BlockCall):
-        self.chain, self.k, self.block, self.original, self.call = chain, k, block, original, call
+    def __init__(self, chain: _ChainCall, k: int, function: Callable[[torch.Tensor], tuple[torch.Tensor, Any]],
+                 where: str):
+        self.chain, self.k, self.function, self.where = chain, k, function, where
         self.forward_done = False
         self.x_requires_grad = False
 
     def __call__(self, anchor: torch.Tensor) -> torch.Tensor:
-        chain, k = self.chain, self.k
-        runtime = chain.runtime
-        l, where = runtime.config.frac_bits, runtime.block_paths[k]
+        chain, k, l, where = self.chain, self.k, self.chain.frac_bits, self.where
         if self.forward_done:
             if k not in chain.codes:
-                raise ReversibilityError("backward reached this block before the one above it rebuilt its input",
+                raise ReversibilityError("backward reached this step before the one above it rebuilt its input",
                                          module=where)
             x = fp.from_codes(chain.codes[k], l, chain.dtype).requires_grad_(self.x_requires_grad)
         else:
             x = chain.stream
             self.x_requires_grad = x.requires_grad
         version = x._version
-        f_args, f_kwargs = self.call.with_stream(x)
-        f, rebuild = _split_output(self.original.forward(self.block, *f_args, **f_kwargs), where)
+        f, rebuild = self.function(x)
         if x._version != version:
             raise ConversionError("in-place op on the residual stream input inside the block", module=where)
-        sign = runtime._gamma_view(chain.signs[k - 1], f.dim()) if k > 0 else None
         if k > 0:
-            v = fp.update_value(f, x, runtime._gamma_view(chain.coef_f[k - 1], f.dim()),
-                                runtime._gamma_view(chain.coef_x[k - 1], f.dim()))
+            v = fp.update_value(f, x, chain.view(chain.coef_f[k - 1], f.dim()), chain.view(chain.coef_x[k - 1], f.dim()))
         else:
             v = f
         with torch.no_grad():
@@ -241,27 +251,27 @@ class _Step:
             if not self.forward_done:
                 self.forward_done = True
                 chain.update, chain.rebuild = b, rebuild
-                if runtime.config.verify:
+                if chain.verify:
                     chain.checksums.append(fp.checksum(b))
             else:
-                self._invert(b, sign, where)
+                self._invert(b)
         return _Anchor.apply(v, anchor)
 
-    def _invert(self, b: torch.Tensor, sign: torch.Tensor | None, where: str) -> None:
+    def _invert(self, b: torch.Tensor) -> None:
         chain, k = self.chain, self.k
-        if chain.runtime.config.verify and not torch.equal(fp.checksum(b), chain.checksums[k]):
+        if chain.verify and not torch.equal(fp.checksum(b), chain.checksums[k]):
             raise ReversibilityError(
                 "backward recompute of this block differs from its forward (checksum mismatch): the block "
                 "is not deterministic (non-deterministic kernel, unreplayed randomness or changed state)",
-                module=where,
+                module=self.where,
             )
         above = chain.codes.pop(k + 1)  # the walk needs x_{k+1} no longer
         if k == 0:
             chain.codes.pop(0)
             return
         bits = fp.unpack_side_bits(chain.bits.pop(k), b.shape)
-        chain.codes[k - 1] = fp.bdia_inverse(above, b, sign, bits)
-        chain.runtime._trace("backward", chain.codes[k - 1])
+        chain.codes[k - 1] = fp.bdia_inverse(above, b, chain.view(chain.signs[k - 1], b.dim()), bits)
+        chain.trace("backward", chain.codes[k - 1])
 
 
 class ChainRuntime:
@@ -278,9 +288,13 @@ class ChainRuntime:
         self.random_blocks = list(random_blocks)
         self.code_trace: dict[str, list[torch.Tensor]] | None = None  # set by bdia_fx.check_exactness
         self.memory_record: dict[str, Any] | None = None  # filled per call while bdia_fx.memory measures
+        self.step_paths: list[str] = []  # the steps of the last training call (a block, or one sublayer)
         self._chain: _ChainCall | None = None
         self._last_out: torch.Tensor | None = None
         self._index = 0
+        self._sign_table = torch.tensor([], dtype=torch.int8)
+        self._random_steps = 0
+        self._plans: dict[Any, tuple] = {}  # granularity="sublayer": (plan, rebuild) per block call pattern
 
     # ------------------------------------------------------------------ dispatch
     def run_block(self, index: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -291,7 +305,7 @@ class ChainRuntime:
             return self._eval_block(index, block, original, args, kwargs)
         x, call = _split_call(args, kwargs, self.block_paths[index])
         if index == 0:
-            self._chain = _ChainCall(self, self._draw_signs(x), x.dtype, self.config.mode == "reversible")
+            self._start(x)
         elif self._chain is None or x is not self._last_out or index != self._index:
             raise ConversionError(
                 f"block {index} of chain '{self.container}' got a stream that is not block {index - 1}'s "
@@ -301,18 +315,14 @@ class ChainRuntime:
         self._index = index + 1
         return self._train_block(index, block, original, x, call)
 
-    def _gamma_view(self, sign: torch.Tensor, ndim: int) -> torch.Tensor:
-        shape = [1] * ndim
-        shape[self.batch_dim] = sign.numel()
-        return sign.view(shape)
-
-    def _draw_signs(self, x: torch.Tensor) -> torch.Tensor:
+    def _start(self, x: torch.Tensor) -> None:
         if x.dim() <= self.batch_dim:
             raise ConversionError(f"stream has {x.dim()} dims, no batch dim {self.batch_dim}", module=self.block_paths[0])
-        batch = x.shape[self.batch_dim]
-        table = torch.tensor([int(2 * g) for g in self.config.gammas], dtype=torch.int8)
-        draw = torch.randint(len(table), (len(self.blocks) - 1, batch))
-        return table[draw].to(x.device)
+        self._chain = _ChainCall(self.batch_dim, self.config.frac_bits, x.dtype, self.config.mode == "reversible",
+                                 self.config.verify, self._trace)
+        self._sign_table = torch.tensor([int(2 * g) for g in self.config.gammas], dtype=torch.int8)
+        self.step_paths = []
+        self._random_steps = 0
 
     # ------------------------------------------------------------------ eval (γ = 0)
     def _eval_block(self, index: int, block: nn.Module, original: type, args: tuple, kwargs: dict) -> Any:
@@ -326,36 +336,81 @@ class ChainRuntime:
         chain, where = self._chain, self.block_paths[index]
         if index == 0:
             x = _EnterChain.apply(x, chain, self.config.frac_bits, where)
-        chain.stream = x
-        self._trace("forward", chain.top)
-        step = _Step(chain, index, block, original, call)
         if self.memory_record is not None and chain.reversible:  # only while measuring: off the hot path
             self.memory_record.setdefault("side_storages", {}).update(
                 {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                  for t in call.leaves if isinstance(t, torch.Tensor)})
-        anchor = x.new_empty(0)  # on x's device: checkpoint keeps that device's RNG state
-        if chain.reversible:
-            with checkpoint.set_checkpoint_early_stop(False):  # the rebuild needs the whole block output
-                v = checkpoint.checkpoint(step, anchor, use_reentrant=False,
-                                          preserve_rng_state=self.random_blocks[index])
-        else:
-            v = step(anchor)
+        steps = self._steps_of(index, block, original, x, call)
+        for j, (function, label, random) in enumerate(steps):
+            last = index == len(self.blocks) - 1 and j == len(steps) - 1
+            x = self._run_step(chain, x, function, label, random, last)
         rebuild, chain.rebuild = chain.rebuild, None
-        out = _StreamUpdate.apply(chain, index, chain.prev, v)
-        chain.prev, chain.stream = x, None
         if index < len(self.blocks) - 1:
-            self._last_out = out
-            return rebuild(out)
+            self._last_out = x
+            return rebuild(x)
         self._trace("forward", chain.top)
         if self.memory_record is not None:
             self.memory_record["state_bytes"] = self._unsaved_bytes(chain)
         chain.below = chain.top = chain.prev = None
         self._chain, self._last_out = None, None
-        return rebuild(out)
+        return rebuild(x)
+
+    def _steps_of(self, index: int, block: nn.Module, original: type, x: torch.Tensor,
+                  call: _BlockCall) -> list[tuple[Callable[[torch.Tensor], tuple[torch.Tensor, Any]], str, bool]]:
+        """The BDIA steps of one block call: the whole block, or one per sequential residual add."""
+        where = self.block_paths[index]
+        if self.config.granularity == "block":
+            def whole(stream: torch.Tensor) -> tuple[torch.Tensor, Any]:
+                f_args, f_kwargs = call.with_stream(stream)
+                return _split_output(original.forward(block, *f_args, **f_kwargs), where)
+            return [(whole, where, self.random_blocks[index])]
+        plan, rebuild = self._plan(index, block, original, x, call)
+        tensors = [None if i == call.stream_index else leaf for i, leaf in enumerate(call.leaves)
+                   if i == call.stream_index or isinstance(leaf, torch.Tensor)]  # the stream is never held
+        steps = []
+        for j in range(len(plan)):
+            def sublayer(stream: torch.Tensor, _j: int = j) -> tuple[torch.Tensor, Any]:
+                return plan.run_step(_j, block, tensors, stream), (rebuild if _j == len(plan) - 1 else None)
+            steps.append((sublayer, f"{where} (sublayer {j})", plan.random[j]))
+        return steps
+
+    def _plan(self, index: int, block: nn.Module, original: type, x: torch.Tensor, call: _BlockCall) -> tuple:
+        """The block's sublayer plan for this call pattern and these shapes (exported once, cached)."""
+        key = (index, call.spec, tuple(
+            (tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor)
+            else v if isinstance(v, (int, float, bool, str, type(None))) else type(v).__name__
+            for v in call.leaves))
+        if key not in self._plans:
+            leaves = list(call.leaves)
+            leaves[call.stream_index] = x.detach()
+            with capture_mode():
+                self._plans[key] = plan_block_call(block, original, leaves, call.spec, call.stream_index,
+                                                   self.block_paths[index])
+        return self._plans[key]
+
+    def _run_step(self, chain: _ChainCall, x: torch.Tensor, function: Callable, where: str, random: bool,
+                  last: bool) -> torch.Tensor:
+        k = len(self.step_paths)
+        self.step_paths.append(where)
+        if k > 0:
+            chain.draw(self._sign_table, x)
+        chain.stream = x
+        self._trace("forward", chain.top)
+        step = _Step(chain, k, function, where)
+        anchor = x.new_empty(0)  # on x's device: checkpoint keeps that device's RNG state
+        if chain.reversible:
+            self._random_steps += random
+            with checkpoint.set_checkpoint_early_stop(False):  # the rebuild needs the step's whole output
+                v = checkpoint.checkpoint(step, anchor, use_reentrant=False, preserve_rng_state=random)
+        else:
+            v = step(anchor)
+        out = _StreamUpdate.apply(chain, k, last, where, chain.prev, v)
+        chain.prev, chain.stream = x, None
+        return out
 
     def _unsaved_bytes(self, chain: _ChainCall) -> int:
         """Bytes a chain call keeps outside autograd's saved tensors: checkpoint's RNG states, checksums."""
-        rng_bytes = torch.get_rng_state().numel() * sum(self.random_blocks) if chain.reversible else 0
+        rng_bytes = torch.get_rng_state().numel() * self._random_steps
         return rng_bytes + sum(c.numel() * c.element_size() for c in chain.checksums)
 
     def _trace(self, direction: str, codes: torch.Tensor) -> None:

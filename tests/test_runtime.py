@@ -138,8 +138,10 @@ def test_gamma_is_drawn_per_sample_on_the_batch_dim():
     runtime = state_of(conv).runtimes["layers"]
     assert runtime.batch_dim == 1
     conv.train()
-    signs = runtime._draw_signs(x)
-    assert signs.shape == (2, 16) and set(signs.unique().tolist()) == {-1, 1}
+    chain = conv(x).grad_fn.chain  # the chain call, on the last stream update's autograd node
+    assert len(chain.signs) == 2 and all(s.shape == (16,) for s in chain.signs)
+    assert set(torch.cat(chain.signs).unique().tolist()) == {-1, 1}
+    assert chain.view(chain.gamma[0], 3).shape == (1, 16, 1)
 
 
 class _NoisyBlock(torch.nn.Module):
@@ -251,3 +253,58 @@ def test_retained_graph_backward_twice_rebuilds_again_and_doubles_the_gradients(
     _assert_close([p.grad for p in model.parameters()], [2 * g for g in want])
     with pytest.raises(RuntimeError, match="second time"):
         loss.backward()
+
+
+SUBLAYER_CASES = ["encoder-batch-first", "tiny-gpt-dropout", "hf-gpt2", "hf-llama-rotary", "hf-neox-parallel-residual"]
+
+
+@pytest.mark.parametrize("case", SUBLAYER_CASES)
+def test_sublayer_granularity_gradients_equal_stored_reference(case):
+    make, make_args, kwargs = CASES[case]
+    torch.manual_seed(0)
+    model = make()
+    args = make_args()
+    rev = bdia_fx.convert(model, args, kwargs, BDIAConfig(granularity="sublayer", verify=True))
+    ref = bdia_fx.convert(model, args, kwargs, BDIAConfig(granularity="sublayer", mode="stored"))
+    loss_r, g_rev = _grads(rev, args, kwargs, 7, _loss_sum)
+    loss_s, g_ref = _grads(ref, args, kwargs, 7, _loss_sum)
+    assert torch.equal(loss_r, loss_s)
+    _assert_close(g_rev, g_ref)
+    (runtime,) = state_of(rev).runtimes.values()
+    per_block = 1 if "parallel" in case else 2  # attention and MLP; a parallel-residual block is one step
+    assert len(runtime.step_paths) == per_block * len(runtime.blocks)
+    assert runtime.step_paths[-1] == f"{runtime.block_paths[-1]} (sublayer {per_block - 1})"
+
+
+def _spec_sublayer_chain(layers, x, gamma):
+    """SPEC §2 with every residual add a step: x + sa(norm1 x), then y + ff(norm2 y), per layer."""
+    steps = []
+    for layer in layers:
+        steps += [lambda v, l=layer: v + l._sa_block(l.norm1(v), None, None),
+                  lambda v, l=layer: v + l._ff_block(l.norm2(v))]
+    return _spec_chain(steps, x, gamma)
+
+
+@pytest.mark.parametrize("gamma", [0.5, -0.5])
+def test_sublayer_fixed_gamma_equals_spec_reference_in_plain_autograd(gamma):
+    torch.manual_seed(1)
+    model = encoder(3, dropout=0.0)
+    x = torch.randn(2, 6, 32, requires_grad=True)
+    conv = bdia_fx.convert(model, (x,), config=BDIAConfig(gammas=(gamma,), granularity="sublayer")).train()
+    model.train()
+    out = conv(x)
+    ref = _spec_sublayer_chain(list(model.layers), x, gamma)
+    assert torch.equal(out, ref)
+    params = list(model.parameters())
+    _assert_close(torch.autograd.grad(out.pow(2).mean(), [x, *params]),
+                  torch.autograd.grad(ref.pow(2).mean(), [x, *params]))
+
+
+def test_sublayer_backward_rebuilds_every_step_input_bit_exactly():
+    torch.manual_seed(2)
+    model = TinyGPT(layers=6, dropout=0.2)
+    ids = torch.randint(0, 50, (3, 8))
+    conv = bdia_fx.convert(model, (ids,), config=BDIAConfig(granularity="sublayer"))
+    report = bdia_fx.check_exactness(conv, (ids,))
+    assert report.exact and len(report.blocks) == 2 * 6 - 1
+    assert report.blocks[0].block == "blocks.0 (sublayer 0)"
