@@ -7,6 +7,7 @@ A code is exact as a float of the stream's dtype only while ``|code| < 2^(mantis
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -16,6 +17,7 @@ from bdia_fx.errors import FixedPointRangeError
 _INT32_LIMIT = 2**31 - 1
 
 
+@functools.lru_cache(maxsize=None)
 def exact_code_limit(dtype: torch.dtype) -> int:
     """Largest |code| whose float value in ``dtype`` is exact and which fits in int32."""
     mantissa = round(-math.log2(torch.finfo(dtype).eps)) + 1
@@ -38,9 +40,9 @@ def _check_range(codes: torch.Tensor, dtype: torch.dtype, frac_bits: int, where:
     limit = exact_code_limit(dtype)
     if not codes.numel():
         return
-    low, high = torch.aminmax(codes)  # one pass, no |codes| temporary
-    if not (bool(high < limit) and bool(low > -limit)):  # also catches NaN and inf
-        value = max(abs(float(low)), abs(float(high))) / 2.0**frac_bits
+    low, high = (v.item() for v in torch.aminmax(codes))  # one pass, no |codes| temporary
+    if not (high < limit and low > -limit):  # also catches NaN and inf
+        value = max(abs(low), abs(high)) / 2.0**frac_bits
         raise FixedPointRangeError(
             f"fixed-point overflow: |x| reached {value:.6g}, beyond the exact range |x| < "
             f"2^{limit.bit_length() - 1 - frac_bits} = {limit / 2.0**frac_bits:.6g} of {dtype} codes at "
@@ -80,10 +82,14 @@ def bdia_inverse(c: torch.Tensor, b: torch.Tensor, sign: torch.Tensor, bits: tor
     return a.add_(bits)
 
 
-def update_value(f: torch.Tensor, x: torch.Tensor, coef_f: torch.Tensor, coef_x: torch.Tensor) -> torch.Tensor:
-    """(1−γ)x + (1+γ)h(x) written with the block output f = x + h(x): ``(1+γ)f − 2γx``,
-    given ``coef_f = 1+γ`` and ``coef_x = −2γ`` (two passes, differentiable)."""
-    return torch.addcmul(f * coef_f, x, coef_x)
+def update_codes(f: torch.Tensor, x: torch.Tensor, coef_f: torch.Tensor, coef_x: torch.Tensor, frac_bits: int,
+                 where: str = "") -> torch.Tensor:
+    """Codes of Q[v] for v = (1−γ)x + (1+γ)h(x) = (1+γ)f − 2γx, from the block output f = x + h(x),
+    without materialising v: ``coef_f = (1+γ)·2^l`` and ``coef_x = −2γ·2^l`` carry the scale
+    (powers of two, so the result equals ``to_codes((1+γ)f − 2γx)`` bit for bit)."""
+    scaled = torch.mul(f, coef_f).addcmul_(x, coef_x).round_()
+    _check_range(scaled, f.dtype, frac_bits, where)
+    return scaled.to(torch.int32)
 
 
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)

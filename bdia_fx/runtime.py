@@ -2,9 +2,10 @@
 
 The converted model's parent module runs eagerly and calls its block modules in order; each
 block of a chain is a thin proxy (see :mod:`bdia_fx.module_tree`) that hands the call to the
-chain's :class:`ChainRuntime`. Training runs SPEC §2 under ordinary autograd, one step per block:
-the block gives v_k = (1+γ)f_k(x_k) − 2γx_k and a stream Function forms the exact fixed-point
-update x_{k+1} = Q[γx_{k-1}] + Q[v_k] with straight-through gradients.
+chain's :class:`ChainRuntime`. Training runs SPEC §2 under ordinary autograd, one step per block
+(or per sublayer): an update Function turns the step's output f_k(x_k) into the integer codes of
+Q[v_k], v_k = (1+γ)f_k − 2γx_k, and a stream Function forms the exact fixed-point update
+x_{k+1} = Q[γx_{k-1}] + Q[v_k]; both pass straight-through gradients.
 
 ``mode="reversible"`` runs each block under non-reentrant ``torch.utils.checkpoint`` (its RNG and
 autocast replay, no early stop) with no tensor input held: the block reads x_k from the chain, so
@@ -112,22 +113,38 @@ class _EnterChain(torch.autograd.Function):
         return grad, None, None, None
 
 
-class _Anchor(torch.autograd.Function):
-    """Identity on a block's v_k that saves a 0-element tensor inside the block's checkpoint.
+class _Update(torch.autograd.Function):
+    """Codes of Q[v_k], v_k = (1+γ)f_k − 2γx_k (v_0 = f_0), without materialising v_k.
 
-    Backward reaches this node first in the block, so its unpack starts checkpoint's recompute
-    (and with it the rebuild of x_{k-1}) before anything else of the block runs backward.
+    Returns an empty tensor that links f_k and x_k to the stream update, which hands the gradient
+    g_{k+1} over through the chain call; the STE gradients are (1+γ)g for f_k and −2γg for x_k.
+    It saves only a 0-element anchor inside the step's checkpoint: backward reaches this node
+    first in the step, so its unpack starts the recompute (and with it the rebuild of x_{k-1})
+    before anything else of the step runs backward.
     """
 
     @staticmethod
-    def forward(ctx, v: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, f: torch.Tensor, x: torch.Tensor, anchor: torch.Tensor, chain: "_ChainCall", k: int,
+                where: str) -> torch.Tensor:
         ctx.save_for_backward(anchor)
-        return v.view_as(v)
+        ctx.chain, ctx.k = chain, k
+        if k == 0:
+            chain.fresh = fp.to_codes(f, chain.frac_bits, where)
+        else:
+            chain.fresh = fp.update_codes(f, x, chain.view(chain.scaled_f[k - 1], f.dim()),
+                                          chain.view(chain.scaled_x[k - 1], f.dim()), chain.frac_bits, where)
+        return f.new_empty(0)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        ctx.saved_tensors  # noqa: B018 -- the unpack is the point: it triggers the recompute
-        return grad, None
+    @once_differentiable
+    def backward(ctx, _link: torch.Tensor):
+        ctx.saved_tensors  # noqa: B018 -- the unpack is the point: it triggers the step's recompute
+        chain, k = ctx.chain, ctx.k
+        grad = chain.grads.pop(k)
+        if k == 0:
+            return grad, None, None, None, None, None
+        coef_f, coef_x = chain.view(chain.coef_f[k - 1], grad.dim()), chain.view(chain.coef_x[k - 1], grad.dim())
+        return grad * coef_f, grad * coef_x, None, None, None, None
 
 
 class _StreamUpdate(torch.autograd.Function):
@@ -140,7 +157,7 @@ class _StreamUpdate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, chain: "_ChainCall", k: int, last: bool, where: str, x_below: torch.Tensor | None,
-                v: torch.Tensor) -> torch.Tensor:
+                link: torch.Tensor) -> torch.Tensor:
         b, l = chain.update, chain.frac_bits
         chain.update = None
         saved: list[torch.Tensor] = []
@@ -168,9 +185,11 @@ class _StreamUpdate(torch.autograd.Function):
                 chain.bits[k] = saved.pop(0)
             if saved:  # the top: start the walk down at x_K, x_{K-1}
                 chain.codes[k + 1], chain.codes[k] = saved
+        chain.grads[k] = grad  # for the step's update node (the link carries no data)
+        link = grad.new_zeros(0)
         if k == 0:
-            return None, None, None, None, None, grad
-        return None, None, None, None, grad * chain.view(chain.gamma[k - 1], grad.dim()), grad
+            return None, None, None, None, None, link
+        return None, None, None, None, grad * chain.view(chain.gamma[k - 1], grad.dim()), link
 
 
 @dataclass
@@ -187,15 +206,19 @@ class _ChainCall:
     gamma: list[torch.Tensor] = field(default_factory=list)   # γ in the stream dtype
     coef_f: list[torch.Tensor] = field(default_factory=list)  # 1 + γ
     coef_x: list[torch.Tensor] = field(default_factory=list)  # -2γ
+    scaled_f: list[torch.Tensor] = field(default_factory=list)  # (1 + γ)·2^l
+    scaled_x: list[torch.Tensor] = field(default_factory=list)  # -2γ·2^l
     below: torch.Tensor | None = None   # forward: codes of x_{k-1}
     top: torch.Tensor | None = None     # forward: codes of x_k
     stream: torch.Tensor | None = None  # forward: x_k, the value step k reads
     prev: torch.Tensor | None = None    # forward: x_{k-1} (the autograd edge of the γ-term)
     update: torch.Tensor | None = None  # forward: codes of Q[v_k] of the step just run
+    fresh: torch.Tensor | None = None   # codes of Q[v_k] just computed by the update node
     rebuild: Callable[[torch.Tensor], Any] | None = None  # forward: the block's output structure
     checksums: list[torch.Tensor] = field(default_factory=list)
     codes: dict[int, torch.Tensor] = field(default_factory=dict)  # backward: codes of x_j on the walk down
     bits: dict[int, torch.Tensor] = field(default_factory=dict)   # backward: side bits for step k
+    grads: dict[int, torch.Tensor] = field(default_factory=dict)  # backward: g_{k+1} for step k's update node
 
     def view(self, per_sample: torch.Tensor, ndim: int) -> torch.Tensor:
         """A [B] tensor shaped to broadcast over a stream of ``ndim`` dims along the batch dim."""
@@ -211,6 +234,8 @@ class _ChainCall:
         self.gamma.append(gamma)
         self.coef_f.append(1.0 + gamma)
         self.coef_x.append(-2.0 * gamma)
+        self.scaled_f.append(self.coef_f[-1] * 2.0**self.frac_bits)
+        self.scaled_x.append(self.coef_x[-1] * 2.0**self.frac_bits)
 
 
 class _Step:
@@ -242,12 +267,9 @@ class _Step:
         f, rebuild = self.function(x)
         if x._version != version:
             raise ConversionError("in-place op on the residual stream input inside the block", module=where)
-        if k > 0:
-            v = fp.update_value(f, x, chain.view(chain.coef_f[k - 1], f.dim()), chain.view(chain.coef_x[k - 1], f.dim()))
-        else:
-            v = f
+        link = _Update.apply(f, x, anchor, chain, k, where)
+        b, chain.fresh = chain.fresh, None
         with torch.no_grad():
-            b = fp.to_codes(v.detach(), l, where)
             if not self.forward_done:
                 self.forward_done = True
                 chain.update, chain.rebuild = b, rebuild
@@ -255,7 +277,7 @@ class _Step:
                     chain.checksums.append(fp.checksum(b))
             else:
                 self._invert(b)
-        return _Anchor.apply(v, anchor)
+        return link
 
     def _invert(self, b: torch.Tensor) -> None:
         chain, k = self.chain, self.k
@@ -401,10 +423,10 @@ class ChainRuntime:
         if chain.reversible:
             self._random_steps += random
             with checkpoint.set_checkpoint_early_stop(False):  # the rebuild needs the step's whole output
-                v = checkpoint.checkpoint(step, anchor, use_reentrant=False, preserve_rng_state=random)
+                link = checkpoint.checkpoint(step, anchor, use_reentrant=False, preserve_rng_state=random)
         else:
-            v = step(anchor)
-        out = _StreamUpdate.apply(chain, k, last, where, chain.prev, v)
+            link = step(anchor)
+        out = _StreamUpdate.apply(chain, k, last, where, chain.prev, link)
         chain.prev, chain.stream = x, None
         return out
 
