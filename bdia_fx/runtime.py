@@ -61,8 +61,8 @@ class _BlockCall:
     spec: Any
     stream_index: int
 
-    def with_stream(self, x: torch.Tensor, replace: Callable[[Any], Any] = lambda v: v) -> tuple[tuple, dict]:
-        leaves = [replace(v) for v in self.leaves]
+    def with_stream(self, x: torch.Tensor) -> tuple[tuple, dict]:
+        leaves = list(self.leaves)
         leaves[self.stream_index] = x
         return tree_unflatten(leaves, self.spec)
 

@@ -1,0 +1,85 @@
+"""Where a BDIA training step spends its time, next to per-block checkpointing (torch.profiler).
+
+Profiles N training steps of each method on the benchmark model of ``memory.py`` and prints the
+operators whose self CPU time differs most between bdia_fx and a checkpoint variant, plus totals
+by kind: the block's own arithmetic (matmuls, attention, norms, ...), the fixed-point work of
+BDIA (rounding, range checks, integer updates, side bits) and autograd/recompute machinery.
+
+    python benchmarks/profile_step.py [--layers 12] [--steps 3] [--against checkpoint-full] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from memory import build, step
+
+FIXED_POINT_OPS = {
+    "aten::round_", "aten::aminmax", "aten::__rshift__", "aten::bitwise_and_", "aten::addcmul_", "aten::mul_",
+    "aten::_to_copy", "aten::to", "aten::lt", "aten::gt", "aten::item", "aten::_local_scalar_dense", "aten::sub",
+    "aten::mul",
+}
+MACHINERY_PREFIXES = ("autograd::", "_Update", "_StreamUpdate", "_EnterChain", "CheckpointFunction", "torch::autograd")
+
+
+def kind_of(op: str) -> str:
+    if op in FIXED_POINT_OPS:
+        return "fixed point"
+    if op.startswith(MACHINERY_PREFIXES) or op.endswith("Backward0") or op.endswith("Backward"):
+        return "autograd / recompute"
+    return "block arithmetic"
+
+
+def self_times(method: str, layers: int, steps: int) -> dict[str, tuple[float, int]]:
+    """Self CPU ms per step and calls per step of every operator, after two warm-up steps."""
+    model, x = build(method, layers)
+    for _ in range(2):
+        step(model, x.detach().clone()).backward()
+        model.zero_grad(set_to_none=False)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(model, x.detach().clone()).backward()
+            model.zero_grad(set_to_none=False)
+    return {e.key: (e.self_cpu_time_total / 1000 / steps, e.count // steps) for e in prof.key_averages()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--against", default="checkpoint-full", choices=["checkpoint", "checkpoint-full", "plain"])
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--json", help="write the per-operator table here")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    base, bdia = self_times(args.against, args.layers, args.steps), self_times("bdia", args.layers, args.steps)
+    rows = []
+    for op in set(base) | set(bdia):
+        (b_ms, b_n), (d_ms, d_n) = base.get(op, (0.0, 0)), bdia.get(op, (0.0, 0))
+        rows.append({"op": op, "kind": kind_of(op), args.against: b_ms, "bdia": d_ms, "calls_base": b_n,
+                     "calls_bdia": d_n, "diff_ms": d_ms - b_ms})
+    rows.sort(key=lambda r: -abs(r["diff_ms"]))
+    total_base, total_bdia = sum(r[args.against] for r in rows), sum(r["bdia"] for r in rows)
+    print(f"self CPU time per training step, K={args.layers}, B=8 T=64 d=256, {args.steps} profiled steps")
+    print(f"total: {args.against} {total_base:.1f} ms, bdia {total_bdia:.1f} ms ({total_bdia / total_base:.3f}x)")
+    print(f"\n{'kind':<22} {args.against + ' ms':>18} {'bdia ms':>9} {'diff ms':>8}")
+    for kind in ("block arithmetic", "fixed point", "autograd / recompute"):
+        mine = [r for r in rows if r["kind"] == kind]
+        b_ms, d_ms = sum(r[args.against] for r in mine), sum(r["bdia"] for r in mine)
+        print(f"{kind:<22} {b_ms:>18.1f} {d_ms:>9.1f} {d_ms - b_ms:>+8.1f}")
+    print(f"\n{'operator':<52} {'kind':<21} {'diff ms':>8} {'calls':>11}")
+    for r in rows[:args.top]:
+        print(f"{r['op'][:52]:<52} {r['kind']:<21} {r['diff_ms']:>+8.2f} {r['calls_base']:>5}/{r['calls_bdia']:<5}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"layers": args.layers, "against": args.against, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
