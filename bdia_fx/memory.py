@@ -103,16 +103,14 @@ class MemoryEstimate:
 
     @property
     def bdia(self) -> int:
-        """x_K and x_{K-1} in full, K-1 packed side-bit tensors (1 bit per element), RNG states, side inputs.
-
-        (The γ signs, 1 byte per sample per block, are left out.)
-        """
+        """x_K and x_{K-1} in full, K-1 packed side-bit tensors (1 bit per element), RNG states, side
+        inputs, and the 8-byte seed γ is drawn from (per chain)."""
         rng_state = torch.get_rng_state().numel()
         total = self.outside_chains
         for chain, k in self.chain_lengths.items():
             elements, nbytes = self.chain_streams[chain]
             total += 2 * nbytes + (k - 1) * math.ceil(elements / 8) + self.chain_random_blocks[chain] * rng_state
-            total += self.chain_side_inputs[chain]
+            total += self.chain_side_inputs[chain] + 8
         return total
 
 

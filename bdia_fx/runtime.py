@@ -9,8 +9,9 @@ x_{k+1} = Q[γx_{k-1}] + Q[v_k]; both pass straight-through gradients.
 
 ``mode="reversible"`` runs each block under non-reentrant ``torch.utils.checkpoint`` (its RNG and
 autocast replay, no early stop) with no tensor input held: the block reads x_k from the chain, so
-nothing but x_K, x_{K-1} codes, one packed side bit per element per block and the γ signs is saved
-(all as ordinary saved tensors of the stream Functions). When backward reaches block k its
+nothing but x_K, x_{K-1} codes and one packed side bit per element per block is saved (as ordinary
+saved tensors of the stream Functions; γ is drawn again from one seed per chain call). When
+backward reaches block k its
 recompute reads x_k rebuilt from the codes, and inverts the update to x_{k-1} for block k-1.
 Parameter gradients are accumulated operation by operation, as with per-block checkpointing.
 ``mode="stored"`` runs the very same steps without checkpointing (the reference).
@@ -131,8 +132,9 @@ class _Update(torch.autograd.Function):
         if k == 0:
             chain.fresh = fp.to_codes(f, chain.frac_bits, where)
         else:
-            chain.fresh = fp.update_codes(f, x, chain.view(chain.scaled_f[k - 1], f.dim()),
-                                          chain.view(chain.scaled_x[k - 1], f.dim()), chain.frac_bits, where)
+            scale = 2.0**chain.frac_bits
+            gamma = chain.gammas.gamma(k)
+            chain.fresh = fp.update_codes(f, x, (1.0 + gamma) * scale, (-2.0 * scale) * gamma, chain.frac_bits, where)
         return f.new_empty(0)
 
     @staticmethod
@@ -143,8 +145,9 @@ class _Update(torch.autograd.Function):
         grad = chain.grads.pop(k)
         if k == 0:
             return grad, None, None, None, None, None
-        coef_f, coef_x = chain.view(chain.coef_f[k - 1], grad.dim()), chain.view(chain.coef_x[k - 1], grad.dim())
-        return grad * coef_f, grad * coef_x, None, None, None, None
+        gamma = chain.gammas.gamma(k)
+        chain.gammas.release(k)  # step k is done backward
+        return grad * (1.0 + gamma), grad * (-2.0 * gamma), None, None, None, None
 
 
 class _StreamUpdate(torch.autograd.Function):
@@ -164,7 +167,7 @@ class _StreamUpdate(torch.autograd.Function):
         if k == 0:
             new = b
         else:
-            new = fp.bdia_forward(chain.below, b, chain.view(chain.signs[k - 1], b.dim()))
+            new = fp.bdia_forward(chain.below, b, chain.gammas.sign(k))
             fp.check_codes(new, chain.dtype, l, where)
             if chain.reversible:
                 saved.append(fp.pack_side_bits(chain.below))
@@ -189,25 +192,53 @@ class _StreamUpdate(torch.autograd.Function):
         link = grad.new_zeros(0)
         if k == 0:
             return None, None, None, None, None, link
-        return None, None, None, None, grad * chain.view(chain.gamma[k - 1], grad.dim()), link
+        return None, None, None, None, grad * chain.gammas.gamma(k), link
+
+
+class _Gammas:
+    """γ = sign/2 per sample for every step of one chain call, drawn from one seed.
+
+    Step k's signs come from a generator seeded with ``seed + k`` and are drawn again whenever a
+    step needs them (forward, and again in backward), so a chain keeps 8 bytes for γ, nothing
+    per block. The seed is drawn from torch's global generator: ``torch.manual_seed`` reproduces.
+    """
+
+    def __init__(self, table: torch.Tensor, x: torch.Tensor, batch_dim: int):
+        self.table, self.device, self.dtype = table, x.device, x.dtype
+        self.batch = x.shape[batch_dim]
+        self.shape = [self.batch if d == batch_dim else 1 for d in range(x.dim())]
+        self.seed = int(torch.randint(2**62, ())) if len(table) > 1 else 0
+        self._drawn: dict[int, torch.Tensor] = {}
+
+    def sign(self, k: int) -> torch.Tensor:
+        """Step k's signs (int8 ±1), shaped to broadcast over the stream."""
+        if k not in self._drawn:
+            if len(self.table) > 1:
+                generator = torch.Generator().manual_seed(self.seed + k)
+                signs = self.table[torch.randint(len(self.table), (self.batch,), generator=generator)]
+            else:
+                signs = self.table.expand(self.batch)
+            self._drawn[k] = signs.to(self.device).view(self.shape)
+        return self._drawn[k]
+
+    def gamma(self, k: int) -> torch.Tensor:
+        """Step k's γ in the stream dtype, shaped to broadcast over the stream."""
+        return 0.5 * self.sign(k).to(self.dtype)
+
+    def release(self, k: int) -> None:
+        self._drawn.pop(k, None)
 
 
 @dataclass
 class _ChainCall:
     """One training call of a chain: what its steps share while running forward and backward."""
 
-    batch_dim: int
+    gammas: _Gammas
     frac_bits: int
     dtype: torch.dtype
     reversible: bool
     verify: bool
     trace: Callable[[str, torch.Tensor], None]
-    signs: list[torch.Tensor] = field(default_factory=list)   # per step k ≥ 1: [B] int8 ±1 (γ = sign/2)
-    gamma: list[torch.Tensor] = field(default_factory=list)   # γ in the stream dtype
-    coef_f: list[torch.Tensor] = field(default_factory=list)  # 1 + γ
-    coef_x: list[torch.Tensor] = field(default_factory=list)  # -2γ
-    scaled_f: list[torch.Tensor] = field(default_factory=list)  # (1 + γ)·2^l
-    scaled_x: list[torch.Tensor] = field(default_factory=list)  # -2γ·2^l
     below: torch.Tensor | None = None   # forward: codes of x_{k-1}
     top: torch.Tensor | None = None     # forward: codes of x_k
     stream: torch.Tensor | None = None  # forward: x_k, the value step k reads
@@ -219,23 +250,6 @@ class _ChainCall:
     codes: dict[int, torch.Tensor] = field(default_factory=dict)  # backward: codes of x_j on the walk down
     bits: dict[int, torch.Tensor] = field(default_factory=dict)   # backward: side bits for step k
     grads: dict[int, torch.Tensor] = field(default_factory=dict)  # backward: g_{k+1} for step k's update node
-
-    def view(self, per_sample: torch.Tensor, ndim: int) -> torch.Tensor:
-        """A [B] tensor shaped to broadcast over a stream of ``ndim`` dims along the batch dim."""
-        shape = [1] * ndim
-        shape[self.batch_dim] = per_sample.numel()
-        return per_sample.view(shape)
-
-    def draw(self, table: torch.Tensor, x: torch.Tensor) -> None:
-        """Draw γ = sign/2 for every sample of the next step from ``table`` (int8 signs)."""
-        sign = table[torch.randint(len(table), (x.shape[self.batch_dim],))].to(x.device)
-        gamma = 0.5 * sign.to(self.dtype)
-        self.signs.append(sign)
-        self.gamma.append(gamma)
-        self.coef_f.append(1.0 + gamma)
-        self.coef_x.append(-2.0 * gamma)
-        self.scaled_f.append(self.coef_f[-1] * 2.0**self.frac_bits)
-        self.scaled_x.append(self.coef_x[-1] * 2.0**self.frac_bits)
 
 
 class _Step:
@@ -292,7 +306,7 @@ class _Step:
             chain.codes.pop(0)
             return
         bits = fp.unpack_side_bits(chain.bits.pop(k), b.shape)
-        chain.codes[k - 1] = fp.bdia_inverse(above, b, chain.view(chain.signs[k - 1], b.dim()), bits)
+        chain.codes[k - 1] = fp.bdia_inverse(above, b, chain.gammas.sign(k), bits)
         chain.trace("backward", chain.codes[k - 1])
 
 
@@ -314,7 +328,6 @@ class ChainRuntime:
         self._chain: _ChainCall | None = None
         self._last_out: torch.Tensor | None = None
         self._index = 0
-        self._sign_table = torch.tensor([], dtype=torch.int8)
         self._random_steps = 0
         self._plans: dict[Any, tuple] = {}  # granularity="sublayer": (plan, rebuild) per block call pattern
 
@@ -340,9 +353,9 @@ class ChainRuntime:
     def _start(self, x: torch.Tensor) -> None:
         if x.dim() <= self.batch_dim:
             raise ConversionError(f"stream has {x.dim()} dims, no batch dim {self.batch_dim}", module=self.block_paths[0])
-        self._chain = _ChainCall(self.batch_dim, self.config.frac_bits, x.dtype, self.config.mode == "reversible",
-                                 self.config.verify, self._trace)
-        self._sign_table = torch.tensor([int(2 * g) for g in self.config.gammas], dtype=torch.int8)
+        table = torch.tensor([int(2 * g) for g in self.config.gammas], dtype=torch.int8)
+        self._chain = _ChainCall(_Gammas(table, x, self.batch_dim), self.config.frac_bits, x.dtype,
+                                 self.config.mode == "reversible", self.config.verify, self._trace)
         self.step_paths = []
         self._random_steps = 0
 
@@ -414,8 +427,6 @@ class ChainRuntime:
                   last: bool) -> torch.Tensor:
         k = len(self.step_paths)
         self.step_paths.append(where)
-        if k > 0:
-            chain.draw(self._sign_table, x)
         chain.stream = x
         self._trace("forward", chain.top)
         step = _Step(chain, k, function, where)
@@ -427,13 +438,14 @@ class ChainRuntime:
         else:
             link = step(anchor)
         out = _StreamUpdate.apply(chain, k, last, where, chain.prev, link)
+        chain.gammas.release(k)  # drawn again in backward
         chain.prev, chain.stream = x, None
         return out
 
     def _unsaved_bytes(self, chain: _ChainCall) -> int:
-        """Bytes a chain call keeps outside autograd's saved tensors: checkpoint's RNG states, checksums."""
+        """Bytes a chain call keeps outside autograd's saved tensors: checkpoint's RNG states, checksums, γ seed."""
         rng_bytes = torch.get_rng_state().numel() * self._random_steps
-        return rng_bytes + sum(c.numel() * c.element_size() for c in chain.checksums)
+        return rng_bytes + sum(c.numel() * c.element_size() for c in chain.checksums) + 8
 
     def _trace(self, direction: str, codes: torch.Tensor) -> None:
         if self.code_trace is not None:

@@ -138,10 +138,13 @@ def test_gamma_is_drawn_per_sample_on_the_batch_dim():
     runtime = state_of(conv).runtimes["layers"]
     assert runtime.batch_dim == 1
     conv.train()
-    chain = conv(x).grad_fn.chain  # the chain call, on the last stream update's autograd node
-    assert len(chain.signs) == 2 and all(s.shape == (16,) for s in chain.signs)
-    assert set(torch.cat(chain.signs).unique().tolist()) == {-1, 1}
-    assert chain.view(chain.gamma[0], 3).shape == (1, 16, 1)
+    gammas = conv(x).grad_fn.chain.gammas  # the chain call, on the last stream update's autograd node
+    signs = [gammas.sign(k) for k in (1, 2)]
+    assert all(s.shape == (1, 16, 1) and s.dtype == torch.int8 for s in signs)
+    assert set(torch.cat(signs).unique().tolist()) == {-1, 1}
+    assert not torch.equal(signs[0], signs[1])
+    gammas.release(1)
+    assert torch.equal(gammas.sign(1), signs[0])  # drawn again (in backward) from the chain's seed: the same
 
 
 class _NoisyBlock(torch.nn.Module):
