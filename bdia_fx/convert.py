@@ -40,6 +40,7 @@ class ConvertedState:
     runtimes: dict[str, ChainRuntime] = dataclasses.field(default_factory=dict)
     patterns: set = dataclasses.field(default_factory=set)
     hook_id: int | None = None  # the root forward pre-hook that plans and checks call patterns
+    sublayer_ends: dict[str, list[list[str]]] = dataclasses.field(default_factory=dict)  # granularity="sublayer"
 
 
 def state_of(model: nn.Module) -> ConvertedState:
@@ -132,7 +133,7 @@ def _plan(model: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) ->
     report = find_chains_in_graph(ep, model)
     _refuse_if_unconvertible(report)
     if state.config.granularity == "sublayer":
-        check_sublayers(ep, report)  # refuses, naming the node, blocks that cannot be cut at their adds
+        state.sublayer_ends = check_sublayers(ep, report)  # refuses blocks that cannot be cut at their adds
     if not state.runtimes:
         modules = dict(model.named_modules())
         for chain in report.chains:

@@ -216,11 +216,18 @@ def plan_block_call(block: nn.Module, original: type, leaves: list[Any], spec: A
     return plan, call.rebuild
 
 
-def check_sublayers(ep: torch.export.ExportedProgram, report: ChainReport) -> None:
+def check_sublayers(ep: torch.export.ExportedProgram, report: ChainReport) -> dict[str, list[list[str]]]:
     """Split every block of the chains found in the model graph ``ep`` (marked by the chain pass),
-    raising :class:`ConversionError` where a block cannot be cut at its residual adds."""
+    raising :class:`ConversionError` where a block cannot be cut at its residual adds.
+
+    Returns, per chain and block, the names of the residual add nodes that end its steps.
+    """
     by_name = {n.name: n for n in ep.graph.nodes}
+    ends: dict[str, list[list[str]]] = {}
     for chain in report.chains:
+        ends[chain.container] = []
         for index, block in enumerate(chain.blocks):
             nodes = [n for n in ep.graph.nodes if n.meta.get(BLOCK_META_KEY) == (chain.container, index)]
-            split_steps(nodes, by_name[block.stream_in], by_name[block.stream_out], block.path)
+            _, boundaries, _ = split_steps(nodes, by_name[block.stream_in], by_name[block.stream_out], block.path)
+            ends[chain.container].append([n.name for n in boundaries])
+    return ends

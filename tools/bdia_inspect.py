@@ -1,13 +1,14 @@
 """bdia-inspect: show what ``bdia_fx.convert`` does to a model.
 
 Pick a model (an HF config, a torch built-in, or any importable factory), and the tool prints
-the chain report (chains, blocks, side inputs, what was rejected and why), optionally the
-rewritten graph, before/after pictures, and a table of saved-activation bytes for plain
+the chain report (chains, blocks, side inputs, what was rejected and why), optionally each
+block's sublayer steps, the rewritten graph, before/after pictures, and a table of saved-activation bytes for plain
 autograd, per-block checkpointing and BDIA (estimated, and measured with ``--measure``).
 
     bdia-inspect --hf gpt2 --config n_layer=6,n_embd=128 --graph
     bdia-inspect --hf vit --config num_hidden_layers=4,image_size=32 --draw out/
     bdia-inspect --torch transformer-encoder --layers 6 --memory 8,64 --measure
+    bdia-inspect --hf gpt_neox --config num_hidden_layers=2 --granularity sublayer
     bdia-inspect --factory mypkg.models:make_model --tokens 1000
 
 A ``--factory`` function takes no arguments and returns a model, ``(model, args)`` or
@@ -55,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=16, help="example sequence length")
     parser.add_argument("--tokens", type=int, metavar="VOCAB", help="--factory input: token ids below VOCAB, shape batch x seq")
     parser.add_argument("--shape", metavar="D0,D1,...", help="--factory input: a float tensor of this shape")
+    parser.add_argument("--granularity", choices=["block", "sublayer"], default="block",
+                        help="BDIA steps: whole blocks, or every sequential residual add (lists each block's steps)")
     parser.add_argument("--graph", action="store_true", help="print the rewritten graph")
     parser.add_argument("--draw", type=Path, metavar="DIR", help="write before/after pictures (SVG, PNG) into DIR")
     parser.add_argument("--expand", action="store_true", help="with --draw: show every node instead of one box per block")
@@ -205,7 +208,8 @@ def run(args: argparse.Namespace) -> dict:
     example_args, example_kwargs = make_inputs(args.batch, args.seq)
     print(f"model: {label}")
     try:
-        converted = bdia_fx.convert(model, example_args, example_kwargs)
+        converted = bdia_fx.convert(model, example_args, example_kwargs,
+                                    bdia_fx.BDIAConfig(granularity=args.granularity))
     except ConversionError:
         print(bdia_fx.find_chains(model, example_args, example_kwargs))  # what was found and why it was refused
         raise
@@ -215,6 +219,13 @@ def run(args: argparse.Namespace) -> dict:
         {"container": c.container, "blocks": list(c.block_paths), "side_inputs": [str(s) for s in c.side_inputs]}
         for c in report.chains], "rejections": [
         {"module": r.module, "node": r.node, "reason": r.reason} for r in report.rejections]}
+    if args.granularity == "sublayer":
+        ends = state_of(converted).sublayer_ends
+        print("\nsublayer steps (the residual add ending each step):")
+        for chain in report.chains:
+            for path, adds in zip(chain.block_paths, ends[chain.container]):
+                print(f"  {path}: {len(adds)} step{'s' * (len(adds) > 1)}, ending at {', '.join(adds)}")
+        result["sublayers"] = ends
     if args.graph:
         print("\nrewritten graph:")
         print(bdia_fx.graph_of(converted).graph)

@@ -31,6 +31,14 @@ def test_hf_report_and_rewritten_graph(tmp_path):
     assert result["chains"][0]["blocks"] == ["transformer.h.0", "transformer.h.1", "transformer.h.2"]
 
 
+def test_sublayer_granularity_lists_each_blocks_steps(tmp_path):
+    done = _run("--torch", "transformer-encoder", "--layers", "3", "--granularity", "sublayer",
+                "--json", str(tmp_path / "r.json"))
+    assert done.returncode == 0, done.stderr
+    assert "layers.1: 2 steps, ending at add_2, add_3" in done.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["sublayers"]["layers"][0] == ["add", "add_1"]
+
+
 def test_draw_writes_before_and_after_pictures_with_the_chain_highlighted(tmp_path):
     done = _run("--torch", "transformer-encoder", "--layers", "3", "--draw", str(tmp_path), script=True)
     assert done.returncode == 0, done.stderr
