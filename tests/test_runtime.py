@@ -311,3 +311,30 @@ def test_sublayer_backward_rebuilds_every_step_input_bit_exactly():
     report = bdia_fx.check_exactness(conv, (ids,))
     assert report.exact and len(report.blocks) == 2 * 6 - 1
     assert report.blocks[0].block == "blocks.0 (sublayer 0)"
+
+
+def test_cpu_autocast_recompute_matches_stored_and_rebuilds_exactly():
+    """Checkpoint re-enters the forward's autocast state for the recompute: bf16 block math, float32 stream."""
+    torch.manual_seed(4)
+    model = TinyGPT(layers=4, dropout=0.1)
+    ids = torch.randint(0, 50, (2, 8))
+    rev = bdia_fx.convert(model, (ids,), config=BDIAConfig(verify=True))
+    ref = bdia_fx.convert(model, (ids,), config=BDIAConfig(mode="stored"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_r, g_rev = _grads(rev, (ids,), {}, 9, _loss_sum)
+        loss_s, g_ref = _grads(ref, (ids,), {}, 9, _loss_sum)
+        report = bdia_fx.check_exactness(rev, (ids,))
+    assert torch.equal(loss_r, loss_s) and report.exact
+    _assert_close(g_rev, g_ref)
+
+
+def test_float64_stream_uses_the_wider_exact_range():
+    torch.manual_seed(5)
+    model = encoder(3, dropout=0.1).double()
+    x = (1e6 * torch.randn(2, 5, 32, dtype=torch.float64)).requires_grad_()  # beyond float32's exact codes
+    rev = bdia_fx.convert(model, (x,), config=BDIAConfig(frac_bits=4))
+    ref = bdia_fx.convert(model, (x,), config=BDIAConfig(frac_bits=4, mode="stored"))
+    loss_r, g_rev = _grads(rev, (x,), {}, 3, _loss_sum, (x,))
+    loss_s, g_ref = _grads(ref, (x,), {}, 3, _loss_sum, (x,))
+    assert rev.train()(x).dtype == torch.float64 and torch.equal(loss_r, loss_s)
+    _assert_close(g_rev, g_ref)
