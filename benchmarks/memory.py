@@ -5,8 +5,9 @@ chain state; peak RSS in a fresh process per configuration (MALLOC_MMAP_THRESHOL
 reset through /proc/self/clear_refs) over the baseline after warm-up steps, with the gradient
 buffers allocated and zeroed in place as in a training loop (so they are not counted as peak);
 step time as the median of N steps after 2 warm-ups, all methods interleaved in this one
-process, as ratios to plain, to checkpoint (torch's default, early stop on) and to
-checkpoint-full (early stop off: every block recomputed whole, the recompute BDIA needs).
+process, as ratios to plain, to checkpoint (torch's recommended non-reentrant form, early stop on)
+and to checkpoint-full (early stop off: every block recomputed whole, the recompute BDIA needs);
+checkpoint-reentrant (the classic form, also a whole recompute) is measured beside them.
 
     python benchmarks/memory.py [--layers 4 8 12 24] [--steps 10] [--json results/memory.json]
 """
@@ -28,27 +29,30 @@ from torch import nn
 import bdia_fx
 from bdia_fx.memory import saved_activation_bytes
 
-METHODS = ("plain", "checkpoint", "checkpoint-full", "bdia", "bdia-stored")
+METHODS = ("plain", "checkpoint", "checkpoint-full", "checkpoint-reentrant", "bdia", "bdia-stored")
 B, T, D, HEADS = 8, 64, 256, 4
 
 
 class Checkpointed(nn.Module):
-    """The same encoder with torch.utils.checkpoint (non-reentrant) around every block.
+    """The same encoder with torch.utils.checkpoint around every block.
 
-    ``early_stop=True`` is torch's default: the recompute stops once the last tensor backward
-    needs is rebuilt, which skips each block's final matmul and residual add. ``False`` recomputes
-    each block whole, as BDIA must (its rebuild of x_{k-1} needs the block's full output).
+    ``"checkpoint"`` is torch's recommended form (non-reentrant, early stop on): the recompute
+    stops once the last tensor backward needs is rebuilt, which skips each block's final matmul and
+    residual add. ``"checkpoint-full"`` turns early stop off and ``"checkpoint-reentrant"`` is the
+    classic reentrant form; both recompute each block whole, as BDIA must (its rebuild of x_{k-1}
+    needs the block's full output).
     """
 
-    def __init__(self, encoder: nn.TransformerEncoder, early_stop: bool = True):
+    def __init__(self, encoder: nn.TransformerEncoder, method: str):
         super().__init__()
         self.layers = encoder.layers
-        self.early_stop = early_stop
+        self.early_stop = method == "checkpoint"
+        self.reentrant = method == "checkpoint-reentrant"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with checkpoint.set_checkpoint_early_stop(self.early_stop):
             for layer in self.layers:
-                x = checkpoint.checkpoint(layer, x, use_reentrant=False)
+                x = checkpoint.checkpoint(layer, x, use_reentrant=self.reentrant)
         return x
 
 
@@ -58,7 +62,7 @@ def build(method: str, layers: int) -> tuple[nn.Module, torch.Tensor]:
     model = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
     x = torch.randn(B, T, D)
     if method.startswith("checkpoint"):
-        model = Checkpointed(model, early_stop=method == "checkpoint")
+        model = Checkpointed(model, method)
     elif method.startswith("bdia"):
         mode = "stored" if method == "bdia-stored" else "reversible"
         model = bdia_fx.convert(model, (x,), config=bdia_fx.BDIAConfig(mode=mode))
@@ -126,7 +130,7 @@ def main() -> None:
         return
     rows = []
     print(f"one training step, B={B} T={T} d={D} heads={HEADS} MLP 4d, fp32, {torch.get_num_threads()} threads")
-    print(f"{'K':>3} {'method':<15} {'saved MiB':>10} {'peak MiB':>9} {'peak/plain':>10} {'time/plain':>10} "
+    print(f"{'K':>3} {'method':<20} {'saved MiB':>10} {'peak MiB':>9} {'peak/plain':>10} {'time/plain':>10} "
           f"{'time/ckpt':>9} {'time/ckpt-full':>14}")
     for layers in args.layers:
         times = measure_times(layers, args.steps)
@@ -137,7 +141,7 @@ def main() -> None:
                    "time_vs_plain": times[m] / times["plain"], "time_vs_checkpoint": times[m] / times["checkpoint"],
                    "time_vs_checkpoint_full": times[m] / times["checkpoint-full"]}
             rows.append(row)
-            print(f"{layers:>3} {m:<15} {row['saved_bytes'] / 2**20:>10.2f} {row['peak_bytes'] / 2**20:>9.1f} "
+            print(f"{layers:>3} {m:<20} {row['saved_bytes'] / 2**20:>10.2f} {row['peak_bytes'] / 2**20:>9.1f} "
                   f"{row['peak_vs_plain']:>10.2f} {row['time_vs_plain']:>10.2f} {row['time_vs_checkpoint']:>9.2f} "
                   f"{row['time_vs_checkpoint_full']:>14.2f}", flush=True)
     if args.json:
