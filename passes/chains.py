@@ -21,15 +21,21 @@ from bdia_fx.report import BlockInfo, ChainInfo, ChainReport, Rejection, SideInp
 BLOCK_META_KEY = "bdia_block"
 
 _ADD_TARGETS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
-_CAST_TARGETS = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout}
+_CAST_TARGETS = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout,
+                 torch.ops.aten.contiguous.default, torch.ops.aten.clone.default, torch.ops.aten.alias.default}
+_RESHAPE_TARGETS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default}
 
 
-def _is_identity_cast(node: fx.Node) -> bool:
-    """A dtype cast to the dtype its input already has (``x.to(torch.float32)`` on float32 x is x)."""
-    if node.target not in _CAST_TARGETS or not node.args or not isinstance(node.args[0], fx.Node):
+def _is_identity(node: fx.Node) -> bool:
+    """An op that keeps the values and their row-major order: a cast to the dtype the input already
+    has (RMSNorm's ``x.to(float32)``), a copy, or a reshape (OPT's ``x.view(-1, d)`` around its MLP
+    residual). A skip path through reshapes that ends in the input's shape is the identity."""
+    if node.target not in _CAST_TARGETS | _RESHAPE_TARGETS or not node.args or not isinstance(node.args[0], fx.Node):
         return False
     before, after = node.args[0].meta.get("val"), node.meta.get("val")
-    return before is not None and after is not None and before.dtype == after.dtype
+    if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.dtype == after.dtype):
+        return False
+    return before.numel() == after.numel() if node.target in _RESHAPE_TARGETS else before.shape == after.shape
 
 
 @dataclass
@@ -103,7 +109,7 @@ def _find_skip_path(out: fx.Node, members: set[fx.Node], inputs: list[fx.Node], 
         if node not in members:
             ok = node is want if want is not None else (node in inputs and _shape(node) == shape)
             return (node, path) if ok else None
-        if _is_identity_cast(node):  # e.g. RMSNorm's hidden.to(float32): the very same tensor in eager
+        if _is_identity(node):  # e.g. RMSNorm's hidden.to(float32), OPT's (x + h).view(shape)
             return walk(node.args[0], path + (node,))
         if node.target not in _ADD_TARGETS:
             return None
@@ -136,7 +142,10 @@ def _scan_block(path: str, nodes: list[fx.Node], params: set[str], want: fx.Node
         return scan
     out = outputs[0]
     scan.stream_out = out
-    if out.target not in _ADD_TARGETS:
+    last = out
+    while _is_identity(last) and last.args[0] in members:
+        last = last.args[0]
+    if last.target not in _ADD_TARGETS:
         after_add = any(isinstance(a, fx.Node) and a.target in _ADD_TARGETS for a in out.args)
         if after_add and "norm" in str(out.target):
             why = "a post-LN block (normalisation after the residual add) is not x + h(x), so BDIA cannot apply"

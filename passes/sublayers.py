@@ -183,13 +183,12 @@ class _TensorCall(nn.Module):
             leaves[slot] = tensor
         args, kwargs = tree_unflatten(leaves, self.spec)
         out_leaves, out_spec = tree_flatten(self.original.forward(self.block, *args, **kwargs))
-        floats = [i for i, v in enumerate(out_leaves) if isinstance(v, torch.Tensor) and v.is_floating_point()]
-        others = [v for i, v in enumerate(out_leaves) if isinstance(v, torch.Tensor) and i != floats[0]]
-        if others:
-            raise ConversionError("sublayer split: the block returns tensors besides the stream", module=self.where)
-        self.record(index=floats[0], spec=out_spec,
-                    leaves=[None if i == floats[0] else v for i, v in enumerate(out_leaves)])
-        return out_leaves[floats[0]]
+        stream = next(i for i, v in enumerate(out_leaves) if isinstance(v, torch.Tensor) and v.is_floating_point())
+        # Other tensors the block returns (e.g. attention weights) are unused by the parent for this
+        # call pattern (the chain pass refuses blocks with any other value leaving them): None stands in.
+        self.record(index=stream, spec=out_spec,
+                    leaves=[None if isinstance(v, torch.Tensor) else v for v in out_leaves])
+        return out_leaves[stream]
 
 
 

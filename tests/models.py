@@ -88,3 +88,20 @@ def neox(layers: int = 3, d: int = 32):
     return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
                                             num_attention_heads=4, max_position_embeddings=64,
                                             use_parallel_residual=True, hidden_dropout=0.1))
+
+
+def opt(layers: int = 3, d: int = 32):
+    """The MLP residual add runs on the stream reshaped to (tokens, d) and is viewed back after."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    return OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=d, ffn_dim=2 * d, num_hidden_layers=layers,
+                                    num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=d,
+                                    dropout=0.1, bos_token_id=0, eos_token_id=0, pad_token_id=1))
+
+
+def gptj(layers: int = 3, d: int = 32):
+    """Parallel residual blocks that also return their attention weights (unused by the parent)."""
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    return GPTJForCausalLM(GPTJConfig(vocab_size=64, n_embd=d, n_layer=layers, n_head=4, n_positions=64,
+                                      rotary_dim=4, resid_pdrop=0.1, bos_token_id=0, eos_token_id=0))

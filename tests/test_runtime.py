@@ -9,7 +9,7 @@ import bdia_fx
 from bdia_fx import BDIAConfig
 from bdia_fx.convert import state_of
 
-from models import TinyGPT, encoder, gpt2, llama, neox, vit
+from models import TinyGPT, encoder, gpt2, gptj, llama, neox, opt, vit
 
 L = 9
 
@@ -39,6 +39,8 @@ CASES = {
     "hf-vit": (lambda: vit(3), lambda: (torch.randn(2, 1, 16, 16),), {}),
     "hf-llama-rotary": (lambda: llama(3), lambda: (torch.randint(0, 64, (2, 8)),), {"use_cache": False}),
     "hf-neox-parallel-residual": (lambda: neox(3), lambda: (torch.randint(0, 64, (2, 8)),), {"use_cache": False}),
+    "hf-opt-reshaped-residual": (lambda: opt(3), lambda: (torch.randint(2, 64, (2, 8)),), {"use_cache": False}),
+    "hf-gptj-parallel-returns-weights": (lambda: gptj(3), lambda: (torch.randint(0, 64, (2, 8)),), {"use_cache": False}),
 }
 
 
@@ -258,7 +260,8 @@ def test_retained_graph_backward_twice_rebuilds_again_and_doubles_the_gradients(
         loss.backward()
 
 
-SUBLAYER_CASES = ["encoder-batch-first", "tiny-gpt-dropout", "hf-gpt2", "hf-llama-rotary", "hf-neox-parallel-residual"]
+SUBLAYER_CASES = ["encoder-batch-first", "tiny-gpt-dropout", "hf-gpt2", "hf-llama-rotary", "hf-neox-parallel-residual",
+                  "hf-opt-reshaped-residual", "hf-gptj-parallel-returns-weights"]
 
 
 @pytest.mark.parametrize("case", SUBLAYER_CASES)
