@@ -35,17 +35,23 @@ def kind_of(op: str) -> str:
     return "block arithmetic"
 
 
-def self_times(method: str, layers: int, steps: int) -> dict[str, tuple[float, int]]:
-    """Self CPU ms per step and calls per step of every operator, after two warm-up steps."""
-    model, x = build(method, layers)
-    for _ in range(2):
-        step(model, x.detach().clone()).backward()
-        model.zero_grad(set_to_none=False)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            step(model, x.detach().clone()).backward()
+def self_times(methods: list[str], layers: int, steps: int) -> dict[str, dict[str, tuple[float, int]]]:
+    """Self CPU ms per step and calls per step of every operator, per method, after two warm-up
+    steps; the methods' steps are profiled in turn (round robin) so machine drift hits all alike."""
+    built = {m: build(m, layers) for m in methods}
+    totals: dict[str, dict[str, list]] = {m: {} for m in methods}
+    for round_ in range(steps + 2):
+        for method, (model, x) in built.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step(model, x.detach().clone()).backward()
             model.zero_grad(set_to_none=False)
-    return {e.key: (e.self_cpu_time_total / 1000 / steps, e.count // steps) for e in prof.key_averages()}
+            if round_ < 2:
+                continue
+            for event in prof.key_averages():
+                entry = totals[method].setdefault(event.key, [0.0, 0])
+                entry[0] += event.self_cpu_time_total / 1000
+                entry[1] += event.count
+    return {m: {op: (ms / steps, n // steps) for op, (ms, n) in ops.items()} for m, ops in totals.items()}
 
 
 def main() -> None:
@@ -57,7 +63,8 @@ def main() -> None:
     parser.add_argument("--json", help="write the per-operator table here")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    base, bdia = self_times(args.against, args.layers, args.steps), self_times("bdia", args.layers, args.steps)
+    times = self_times([args.against, "bdia"], args.layers, args.steps)
+    base, bdia = times[args.against], times["bdia"]
     rows = []
     for op in set(base) | set(bdia):
         (b_ms, b_n), (d_ms, d_n) = base.get(op, (0.0, 0)), bdia.get(op, (0.0, 0))
@@ -65,7 +72,7 @@ def main() -> None:
                      "calls_bdia": d_n, "diff_ms": d_ms - b_ms})
     rows.sort(key=lambda r: -abs(r["diff_ms"]))
     total_base, total_bdia = sum(r[args.against] for r in rows), sum(r["bdia"] for r in rows)
-    print(f"self CPU time per training step, K={args.layers}, B=8 T=64 d=256, {args.steps} profiled steps")
+    print(f"self CPU time per training step, K={args.layers}, B=8 T=64 d=256, {args.steps} profiled steps each")
     print(f"total: {args.against} {total_base:.1f} ms, bdia {total_bdia:.1f} ms ({total_bdia / total_base:.3f}x)")
     print(f"\n{'kind':<22} {args.against + ' ms':>18} {'bdia ms':>9} {'diff ms':>8}")
     for kind in ("block arithmetic", "fixed point", "autograd / recompute"):

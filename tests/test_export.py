@@ -28,8 +28,10 @@ def test_one_file_matches_pytorch_at_two_batch_sizes_and_lengths(name, quantize,
     assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
     assert conv.training  # the user's model keeps its mode
     reference = bdia_fx.revert(conv, quantize=quantize)
-    allowed = 1e-3 if quantize else 0.0  # a float-rounding tie can move one stream code by 2^-l (see verify_onnx)
     for batch, length in [(3, 12), (5, 5)]:
+        # A float-rounding tie can move one stream code by 2^-l (see verify_onnx); that moves the
+        # outputs of its token position (a row of logits): allow two positions' worth.
+        allowed = 2 / (batch * length) if quantize else 0.0
         check = bdia_fx.verify_onnx(result.path, reference, make_inputs(batch, length), kwargs, max_mismatch=allowed)
         assert check.total > 0 and check.max_abs_diff <= (1e-4 if not quantize else 1e-2)
 
