@@ -11,8 +11,6 @@ between the two, and the largest eval-logit difference to the original model (qu
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
 import torch
@@ -20,6 +18,7 @@ import transformers
 
 import bdia_fx
 from bdia_fx.convert import state_of
+from output import write_json
 
 FAMILIES: dict[str, tuple[str, dict]] = {
     "qwen2": ("Qwen2Config", dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)),
@@ -95,9 +94,7 @@ def main() -> None:
             else:
                 print(f"{family:<12} {granularity:<10} refused: {row['error']}", flush=True)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json(rows, args.json)
 
 
 if __name__ == "__main__":

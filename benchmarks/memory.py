@@ -28,6 +28,7 @@ from torch import nn
 
 import bdia_fx
 from bdia_fx.memory import saved_activation_bytes
+from output import write_json
 
 METHODS = ("plain", "checkpoint", "checkpoint-full", "checkpoint-reentrant", "bdia", "bdia-stored")
 B, T, D, HEADS = 8, 64, 256, 4
@@ -145,9 +146,7 @@ def main() -> None:
                   f"{row['peak_vs_plain']:>10.2f} {row['time_vs_plain']:>10.2f} {row['time_vs_checkpoint']:>9.2f} "
                   f"{row['time_vs_checkpoint_full']:>14.2f}", flush=True)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json(rows, args.json)
 
 
 if __name__ == "__main__":

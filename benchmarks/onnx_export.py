@@ -13,7 +13,6 @@ quantization nodes themselves make to the logits (quantized vs unquantized PyTor
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 import bdia_fx
+from output import write_json
 
 
 def build(layers: int, embd: int):
@@ -91,8 +91,7 @@ def main() -> None:
               f"{r['max_abs_diff']:10.2e} {r['mismatched']:>9} {r['quantization_effect']:9.2e} {r['torch_ms']:9.1f} {r['ort_ms']:8.1f} "
               f"{r['ort_over_torch']:9.2f}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"config": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2))
+        write_json({"config": vars(args) | {"json": str(args.json)}, "rows": rows}, args.json)
 
 
 if __name__ == "__main__":

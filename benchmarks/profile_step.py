@@ -11,13 +11,12 @@ BDIA (rounding, range checks, integer updates, side bits) and autograd/recompute
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from memory import build, step
+from output import write_json
 
 FIXED_POINT_OPS = {
     "aten::round_", "aten::aminmax", "aten::__rshift__", "aten::bitwise_and_", "aten::addcmul_", "aten::mul_",
@@ -83,9 +82,7 @@ def main() -> None:
     for r in rows[:args.top]:
         print(f"{r['op'][:52]:<52} {r['kind']:<21} {r['diff_ms']:>+8.2f} {r['calls_base']:>5}/{r['calls_bdia']:<5}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"layers": args.layers, "against": args.against, "rows": rows}, f, indent=2)
+        write_json({"layers": args.layers, "against": args.against, "rows": rows}, args.json)
 
 
 if __name__ == "__main__":
