@@ -26,8 +26,13 @@ def exact_code_limit(dtype: torch.dtype) -> int:
 
 def to_codes(x: torch.Tensor, frac_bits: int, where: str = "") -> torch.Tensor:
     """``round(x · 2^l)`` as int32; raise :class:`FixedPointRangeError` outside the exact range."""
-    scaled = x.mul(2.0**frac_bits).round_()
-    _check_range(scaled, x.dtype, frac_bits, where)
+    return _rounded_codes(x.mul(2.0**frac_bits), x.dtype, frac_bits, where)
+
+
+def _rounded_codes(scaled: torch.Tensor, dtype: torch.dtype, frac_bits: int, where: str) -> torch.Tensor:
+    """Round ``scaled`` (a fresh tensor: x · 2^l) in place, range-check it, and convert it to int32 codes."""
+    scaled.round_()
+    _check_range(scaled, dtype, frac_bits, where)
     return scaled.to(torch.int32)
 
 
@@ -86,10 +91,9 @@ def update_codes(f: torch.Tensor, x: torch.Tensor, coef_f: torch.Tensor, coef_x:
                  where: str = "") -> torch.Tensor:
     """Codes of Q[v] for v = (1−γ)x + (1+γ)h(x) = (1+γ)f − 2γx, from the block output f = x + h(x),
     without materialising v: ``coef_f = (1+γ)·2^l`` and ``coef_x = −2γ·2^l`` carry the scale
-    (powers of two, so the result equals ``to_codes((1+γ)f − 2γx)`` bit for bit)."""
-    scaled = torch.mul(f, coef_f).addcmul_(x, coef_x).round_()
-    _check_range(scaled, f.dtype, frac_bits, where)
-    return scaled.to(torch.int32)
+    (2^l is a power of two and −2γx is exact, so the result equals ``to_codes((1+γ)f − 2γx)``
+    bit for bit)."""
+    return _rounded_codes(torch.mul(f, coef_f).addcmul_(x, coef_x), f.dtype, frac_bits, where)
 
 
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)

@@ -24,13 +24,14 @@ _ADD_TARGETS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
 _CAST_TARGETS = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout,
                  torch.ops.aten.contiguous.default, torch.ops.aten.clone.default, torch.ops.aten.alias.default}
 _RESHAPE_TARGETS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default}
+_IDENTITY_TARGETS = _CAST_TARGETS | _RESHAPE_TARGETS
 
 
 def _is_identity(node: fx.Node) -> bool:
     """An op that keeps the values and their row-major order: a cast to the dtype the input already
     has (RMSNorm's ``x.to(float32)``), a copy, or a reshape (OPT's ``x.view(-1, d)`` around its MLP
     residual). A skip path through reshapes that ends in the input's shape is the identity."""
-    if node.target not in _CAST_TARGETS | _RESHAPE_TARGETS or not node.args or not isinstance(node.args[0], fx.Node):
+    if node.target not in _IDENTITY_TARGETS or not node.args or not isinstance(node.args[0], fx.Node):
         return False
     before, after = node.args[0].meta.get("val"), node.meta.get("val")
     if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.dtype == after.dtype):

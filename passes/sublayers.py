@@ -165,10 +165,10 @@ class _TensorCall(nn.Module):
     """A block call as a function of its tensor arguments only (the other leaves fixed), returning
     just the stream; it remembers the rest of the block's output structure for the runtime."""
 
-    def __init__(self, block: nn.Module, original: type, leaves: list[Any], spec: Any, where: str):
+    def __init__(self, block: nn.Module, original: type, leaves: list[Any], spec: Any):
         super().__init__()
         self.block = block
-        self.original, self.leaves, self.spec, self.where = original, leaves, spec, where
+        self.original, self.leaves, self.spec = original, leaves, spec
         self.tensor_slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
         out: dict[str, Any] = {}
 
@@ -191,7 +191,6 @@ class _TensorCall(nn.Module):
         return out_leaves[stream]
 
 
-
 def _rebuild_output(out: dict[str, Any], stream: torch.Tensor) -> Any:
     """The block's output structure (recorded while traced) around ``stream``."""
     leaves = list(out["leaves"])
@@ -206,7 +205,7 @@ def plan_block_call(block: nn.Module, original: type, leaves: list[Any], spec: A
     ``leaves``/``spec`` are the call's flattened ``(args, kwargs)`` with the stream at
     ``stream_leaf``. Returns the plan and a function giving the block's output around a stream.
     """
-    call = _TensorCall(block, original, leaves, spec, where)
+    call = _TensorCall(block, original, leaves, spec)
     tensors = [leaves[i] for i in call.tensor_slots]
     with torch.random.fork_rng(devices=[]):  # tracing must not move the generator the training step uses
         ep = capture(call, tuple(tensors))
