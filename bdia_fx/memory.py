@@ -21,8 +21,9 @@ def saved_activation_bytes(model: nn.Module, loss_fn: Callable[[], torch.Tensor]
     """Bytes kept for backward by ``loss_fn()`` (a forward returning a loss), then run backward.
 
     Counts tensors autograd saves (``saved_tensors_hooks``, storages deduplicated, parameters and
-    buffers excluded) plus the chain states a converted model keeps on its autograd Functions,
-    with the side inputs (masks, ...) those states hold for the recompute.
+    buffers excluded; a BDIA chain's codes and side bits are among them) plus what a converted
+    model's chains keep outside saved tensors: checkpoint's RNG states, checksums, the γ seed, and
+    the side inputs (masks, ...) the checkpointed blocks hold for their recompute.
     """
     storages: dict[int, int] = {}
     runtimes = list(state_of(model).runtimes.values()) if is_converted(model) else []
