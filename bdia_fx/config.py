@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from bdia_fx.errors import ConversionError
-
 _ALLOWED_GAMMAS = (-0.5, 0.5)
 
 
@@ -25,8 +23,10 @@ class BDIAConfig:
             input shapes.
         mode: ``"reversible"`` (store x_K, x_{K-1} and side bits, recompute on backward) or
             ``"stored"`` (the same forward under ordinary autograd: the reference).
-        verify: store a checksum of every block's output codes in forward and check the
-            recompute against it in backward, raising :class:`ReversibilityError` naming the block.
+        verify: store a checksum of every step's update codes in forward and check the
+            recompute against it in backward, raising :class:`ReversibilityError` naming the block
+            (on by default: it catches randomness checkpoint does not replay and state edits no
+            version counter shows; ``False`` opts out of its two reductions per step).
         quantize_eval: in ``.eval()`` run x_{k+1} = Q[f_k(x_k)]; ``False`` runs the original blocks.
         batch_dim: dim of the stream tensor that indexes samples (γ is drawn per sample);
             ``None`` infers it (1 when a block has ``batch_first=False``, else 0).
@@ -36,23 +36,23 @@ class BDIAConfig:
     gammas: tuple[float, ...] = (-0.5, 0.5)
     granularity: Literal["block", "sublayer"] = "block"
     mode: Literal["reversible", "stored"] = "reversible"
-    verify: bool = False
+    verify: bool = True
     quantize_eval: bool = True
     batch_dim: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.frac_bits, int) or not 0 <= self.frac_bits <= 20:
-            raise ConversionError(f"BDIAConfig.frac_bits must be an int in [0, 20], got {self.frac_bits!r}")
-        gammas = tuple(float(g) for g in self.gammas)
+            raise ValueError(f"BDIAConfig.frac_bits must be an int in [0, 20], got {self.frac_bits!r}")
+        gammas = tuple(dict.fromkeys(float(g) for g in self.gammas))  # each value once, in order
         if not gammas or any(g not in _ALLOWED_GAMMAS for g in gammas):
-            raise ConversionError(
+            raise ValueError(
                 f"BDIAConfig.gammas must be a non-empty subset of {_ALLOWED_GAMMAS}, got {self.gammas!r}: "
                 "only γ = ±½ make Q[γx] exact with one side bit per element"
             )
         object.__setattr__(self, "gammas", gammas)
         if self.granularity not in ("block", "sublayer"):
-            raise ConversionError(f"BDIAConfig.granularity must be 'block' or 'sublayer', got {self.granularity!r}")
+            raise ValueError(f"BDIAConfig.granularity must be 'block' or 'sublayer', got {self.granularity!r}")
         if self.mode not in ("reversible", "stored"):
-            raise ConversionError(f"BDIAConfig.mode must be 'reversible' or 'stored', got {self.mode!r}")
+            raise ValueError(f"BDIAConfig.mode must be 'reversible' or 'stored', got {self.mode!r}")
         if self.batch_dim is not None and self.batch_dim not in (0, 1):
-            raise ConversionError(f"BDIAConfig.batch_dim must be 0, 1 or None, got {self.batch_dim!r}")
+            raise ValueError(f"BDIAConfig.batch_dim must be 0, 1 or None, got {self.batch_dim!r}")

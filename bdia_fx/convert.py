@@ -13,16 +13,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
+from bdia_fx.calls import StreamSlots, describe_leaf, recording_block_calls, stream_slots
 from bdia_fx.config import BDIAConfig
 from bdia_fx.errors import ConversionError
 from bdia_fx.module_tree import infer_batch_dim, install_proxy, original_class, shallow_clone
 from bdia_fx.passes.capture import capture
 from bdia_fx.passes.chains import find_chains_in_graph
 from bdia_fx.passes.rewrite import rewrite_chains
-from bdia_fx.passes.sublayers import check_sublayers
+from bdia_fx.passes.sublayers import check_sublayers, plan_block_call
 from bdia_fx.report import ChainReport
 from bdia_fx.runtime import ChainRuntime, capture_mode, capturing
 
@@ -42,10 +44,22 @@ class ConvertedState:
     hook_id: int | None = None  # the root forward pre-hook that plans and checks call patterns
     sublayer_ends: dict[str, list[list[str]]] = dataclasses.field(default_factory=dict)  # granularity="sublayer"
 
+    def __getstate__(self) -> dict:
+        """Pickled without the captured graphs and checked call patterns: a loaded model captures and
+        checks its call patterns again at its first call (the graphs' node marks do not pickle)."""
+        state = dict(self.__dict__)
+        state.update(graph=None, captured=None, patterns=set())
+        return state
+
+
+def converted_state(model: nn.Module) -> ConvertedState | None:
+    """The :class:`ConvertedState` of a converted model, else None."""
+    return model.__dict__.get(_STATE_ATTR)
+
 
 def state_of(model: nn.Module) -> ConvertedState:
     """The :class:`ConvertedState` of a converted model; ConversionError if it was not converted."""
-    state = model.__dict__.get(_STATE_ATTR)
+    state = converted_state(model)
     if state is None:
         raise ConversionError(f"{type(model).__name__} was not converted with bdia_fx.convert", module="")
     return state
@@ -64,7 +78,8 @@ def detach_state(clone: nn.Module) -> ConvertedState:
     return state
 
 
-def find_chains(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict | None = None) -> ChainReport:
+def find_chains(model: nn.Module, example_inputs: tuple | torch.Tensor = (),
+                example_kwargs: dict | None = None) -> ChainReport:
     """Capture ``model(*example_inputs, **example_kwargs)`` and report its residual chains.
 
     Nothing is changed on ``model`` (the capture runs on a structural copy in training mode).
@@ -72,11 +87,11 @@ def find_chains(model: nn.Module, example_inputs: tuple = (), example_kwargs: di
     _check_module(model)
     clone = shallow_clone(model)
     with capture_mode():
-        ep = capture(clone, tuple(example_inputs), example_kwargs)
+        ep = capture(clone, _as_args(example_inputs), example_kwargs)
     return find_chains_in_graph(ep, clone)
 
 
-def convert(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict | None = None,
+def convert(model: nn.Module, example_inputs: tuple | torch.Tensor = (), example_kwargs: dict | None = None,
             config: BDIAConfig | None = None) -> nn.Module:
     """Return a BDIA-training version of ``model`` sharing its parameters.
 
@@ -84,33 +99,45 @@ def convert(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict |
     ``.train()`` every residual chain runs as a reversible BDIA chain (random γ ∈ ``config.gammas``
     per sample per block); in ``.eval()`` as the γ = 0 chain (the original model, quantized when
     ``config.quantize_eval``). With example inputs the chains are found and checked now; without,
-    at the first call. Raises :class:`ConversionError` naming the module/node and the reason,
-    before anything is changed; ``model`` itself is never modified.
+    at the first call. ``example_inputs`` is a tuple of positional arguments (a single tensor is
+    taken as one). Raises :class:`ConversionError` naming the module/node and the reason, before
+    anything is changed; ``model`` itself is never modified.
     """
     _check_module(model)
     if is_converted(model):
         raise ConversionError(f"{type(model).__name__} is already converted; convert the original model", module="")
     config = config if config is not None else BDIAConfig()
     if not isinstance(config, BDIAConfig):
-        raise ConversionError(f"config must be a BDIAConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be a BDIAConfig, got {type(config).__name__}")
+    example_inputs = _as_args(example_inputs)
     clone = shallow_clone(model)
     state = ConvertedState(config)
     clone.__dict__[_STATE_ATTR] = state
     if example_inputs or example_kwargs:
-        _plan(clone, state, tuple(example_inputs), dict(example_kwargs or {}))
+        _plan(clone, state, example_inputs, dict(example_kwargs or {}))
     state.hook_id = clone.register_forward_pre_hook(_before_call, with_kwargs=True).id
     return clone
 
 
 def _check_module(model: Any) -> None:
     if not isinstance(model, nn.Module):
-        raise ConversionError(f"expected an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+
+
+def _as_args(example_inputs: Any) -> tuple:
+    """Example positional arguments as a tuple (a bare tensor is one argument)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError(f"example_inputs must be a tuple of positional arguments (or one tensor), "
+                    f"got {type(example_inputs).__name__}")
 
 
 def _pattern_key(args: tuple, kwargs: dict) -> tuple:
+    """A training call pattern: argument structure, tensor dtypes and ranks, plain values."""
     leaves, spec = tree_flatten((args, kwargs))
-    described = tuple(("tensor", leaf.dtype, leaf.dim()) if hasattr(leaf, "dim") else repr(leaf) for leaf in leaves)
-    return str(spec), described
+    return spec, tuple(describe_leaf(leaf, shapes=False) for leaf in leaves)
 
 
 def _before_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -128,12 +155,13 @@ def _before_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
 
 def _plan(model: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) -> None:
     """Capture this call pattern, check its chains, and install runtimes on first use."""
-    with capture_mode():
+    with capture_mode(), recording_block_calls(model) as calls:
         ep = capture(model, args, kwargs)
     report = find_chains_in_graph(ep, model)
     _refuse_if_unconvertible(report)
     if state.config.granularity == "sublayer":
         state.sublayer_ends = check_sublayers(ep, report)  # refuses blocks that cannot be cut at their adds
+    slots = {chain.container: stream_slots(chain.block_paths, calls) for chain in report.chains}
     if not state.runtimes:
         modules = dict(model.named_modules())
         for chain in report.chains:
@@ -141,14 +169,12 @@ def _plan(model: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) ->
             batch_dim = state.config.batch_dim if state.config.batch_dim is not None else infer_batch_dim(blocks)
             runtime = ChainRuntime(
                 chain.container, chain.block_paths, blocks, [original_class(b) for b in blocks],
-                state.config, batch_dim, [b.random for b in chain.blocks],
+                state.config, batch_dim, [b.random for b in chain.blocks], slots[chain.container],
+                _plan_sublayers if state.config.granularity == "sublayer" else None,
             )
             for index, block in enumerate(blocks):
                 install_proxy(block, runtime, index)
             state.runtimes[chain.container] = runtime
-        state.report = report
-        state.graph = rewrite_chains(ep, model, report, state.config)
-        state.captured = ep.graph_module
     else:
         found = {c.container: c.block_paths for c in report.chains}
         known = {name: r.block_paths for name, r in state.runtimes.items()}
@@ -159,7 +185,20 @@ def _plan(model: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) ->
         for chain in report.chains:
             runtime = state.runtimes[chain.container]
             runtime.random_blocks = [a or b.random for a, b in zip(runtime.random_blocks, chain.blocks)]
+            for known, new in zip(runtime.slots, slots[chain.container]):
+                known.merge(new)
+    if state.graph is None:
+        state.report = report
+        state.graph = rewrite_chains(ep, model, report, state.config)
+        state.captured = ep.graph_module
     state.patterns.add(_pattern_key(args, kwargs))
+
+
+def _plan_sublayers(block: nn.Module, original: type, leaves: list, spec: Any, stream_index: int,
+                    slots: StreamSlots, where: str) -> tuple:
+    """The sublayer pass on one block call (runs the block's original forward under capture)."""
+    with capture_mode():
+        return plan_block_call(block, original, leaves, spec, stream_index, slots.output_slot, where)
 
 
 def _refuse_if_unconvertible(report: ChainReport) -> None:

@@ -8,8 +8,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from bdia_fx.convert import state_of
-from bdia_fx.errors import ConversionError
+from bdia_fx.errors import ReversibilityError
+from bdia_fx.frame import ChainFrame
 from bdia_fx.memory import default_loss
+from bdia_fx.observe import ChainObserver, observing
 
 
 @dataclass(frozen=True)
@@ -38,10 +40,25 @@ class ExactnessReport:
         return "\n".join(lines)
 
 
+class _CodeTrace(ChainObserver):
+    """The codes of every x_k a chain call made in forward and rebuilt in backward."""
+
+    def __init__(self) -> None:
+        self.calls: dict[ChainFrame, tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]] = {}
+
+    def stream_codes(self, frame: ChainFrame, k: int, codes: torch.Tensor, rebuilt: bool) -> None:
+        self.calls.setdefault(frame, ({}, {}))[rebuilt][k] = codes.clone()
+
+    def complete(self) -> bool:
+        """Whether every chain call's walk down rebuilt all its inputs, x_{K-2} … x_0."""
+        return all(len(rebuilt) == len(frame.steps) - 1 for frame, (_, rebuilt) in self.calls.items())
+
+
 def check_exactness(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict | None = None,
                     loss_fn: Callable[[Any], torch.Tensor] | None = None) -> ExactnessReport:
     """Run one reversible training step of a converted ``model`` and compare, on integer codes,
-    every x_k its backward rebuilt with the x_k of its forward (SPEC §2: they must be equal).
+    every x_k its backward rebuilt with the x_k of its forward (they must be equal:
+    ``docs/design.md``).
 
     Parameter gradients of the step are accumulated as in any backward; zero them afterwards if
     the step should not count. ``loss_fn(output)`` defaults to the mean square of the first
@@ -49,26 +66,25 @@ def check_exactness(model: nn.Module, example_inputs: tuple = (), example_kwargs
     """
     state = state_of(model)
     if state.config.mode != "reversible":
-        raise ConversionError("check_exactness needs BDIAConfig(mode='reversible')", module="")
+        raise ValueError("check_exactness needs a model converted with BDIAConfig(mode='reversible')")
     was_training = model.training
     model.train()
-    if not state.runtimes:  # lazily converted: plan on this call
-        model(*example_inputs, **dict(example_kwargs or {}))
-    runtimes = list(state.runtimes.values())
-    for runtime in runtimes:
-        runtime.code_trace = {"forward": [], "backward": []}
     try:
-        (loss_fn or default_loss)(model(*example_inputs, **dict(example_kwargs or {}))).backward()
-        blocks = []
-        for runtime in runtimes:
-            forward, rebuilt = runtime.code_trace["forward"], runtime.code_trace["backward"]
-            k_top = len(runtime.step_paths) - 2  # backward rebuilds x_{K-2} … x_0 (K steps: blocks or sublayers)
-            for k, codes in zip(range(k_top, -1, -1), rebuilt):
-                error = (codes.to(torch.int64) - forward[k].to(torch.int64)).abs()
-                blocks.append(BlockExactness(runtime.container, runtime.step_paths[k], error.numel(),
-                                             int((error != 0).sum()), int(error.max()) if error.numel() else 0))
+        if not state.runtimes:  # lazily converted: plan on this call
+            model(*example_inputs, **dict(example_kwargs or {}))
+        with observing(model, _CodeTrace()) as trace:
+            try:
+                (loss_fn or default_loss)(model(*example_inputs, **dict(example_kwargs or {}))).backward()
+            except ReversibilityError:
+                if not trace.complete():  # a guard stopped the walk: that is the answer, not a report
+                    raise
+                # the checksum check raises once every rebuilt input has been traced: report them
     finally:
-        for runtime in runtimes:
-            runtime.code_trace = None
         model.train(was_training)
-    return ExactnessReport(tuple(reversed(blocks)))
+    blocks = []
+    for frame, (forward, rebuilt) in trace.calls.items():
+        for k in sorted(rebuilt):
+            error = (rebuilt[k].to(torch.int64) - forward[k].to(torch.int64)).abs()
+            blocks.append(BlockExactness(frame.container, frame.steps[k].path, error.numel(),
+                                         int((error != 0).sum()), int(error.max()) if error.numel() else 0))
+    return ExactnessReport(tuple(blocks))

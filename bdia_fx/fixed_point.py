@@ -1,72 +1,110 @@
-"""Fixed-point codes, exact Q[γx] with one side bit, and the BDIA update and its inverse.
+"""Fixed-point codes, exact Q[γx] with one side bit, the BDIA update, its inverse and its gradients.
 
-Pure tensor math, no graph code. Codes are int32 tensors: ``code(x) = round(x · 2^l)``.
-A code is exact as a float of the stream's dtype only while ``|code| < 2^(mantissa+1)``
-(2^24 for float32); :func:`exact_code_limit` gives that bound and :func:`to_codes` enforces it.
+Pure tensor math, no graph code (the design notes are in ``docs/design.md``). The chain state is
+int32 codes, ``code(x) = round(x · 2^l)``, whatever the stream's dtype: the update
+x_{k+1} = Q[γx_{k-1}] + Q[v_k] runs on integers, and the only floating-point step is rounding
+the block's output, so a bfloat16 model has the same exact range as a float32 one. Codes stay
+below :data:`CODE_LIMIT` so that no integer step can overflow int32.
+
+Range checks do not read values on the host: :func:`to_codes` and :func:`update_codes` return the
+[min, max] of what they rounded as a small device tensor, and :func:`range_problem` judges such a
+pair once it has been read (the chain reads all of a call's pairs at once).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
-from bdia_fx.errors import FixedPointRangeError
-
-_INT32_LIMIT = 2**31 - 1
-
-
-@functools.lru_cache(maxsize=None)
-def exact_code_limit(dtype: torch.dtype) -> int:
-    """Largest |code| whose float value in ``dtype`` is exact and which fits in int32."""
-    mantissa = round(-math.log2(torch.finfo(dtype).eps)) + 1
-    return min(2**mantissa, _INT32_LIMIT)
+CODE_LIMIT = 2**29
+"""|code| bound for the stream's codes and for the rounded block term round((1+γ)·2^l·f): with
+both below it, the update codes b = round(y) − 2γ·code(x_k) stay below 2^30, and γ(a − s) + b and
+the inverse's 2γ(c − b) + s stay inside int32."""
 
 
-def to_codes(x: torch.Tensor, frac_bits: int, where: str = "") -> torch.Tensor:
-    """``round(x · 2^l)`` as int32; raise :class:`FixedPointRangeError` outside the exact range."""
-    return _rounded_codes(x.mul(2.0**frac_bits), x.dtype, frac_bits, where)
+def exact_range(frac_bits: int) -> float:
+    """The largest |x| the chain holds exactly: 2^(29 − l)."""
+    return CODE_LIMIT / 2.0**frac_bits
 
 
-def _rounded_codes(scaled: torch.Tensor, dtype: torch.dtype, frac_bits: int, where: str) -> torch.Tensor:
-    """Round ``scaled`` (a fresh tensor: x · 2^l) in place, range-check it, and convert it to int32 codes."""
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The float type codes are rounded in: float32, or the stream's dtype when it is wider."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def value_range(t: torch.Tensor) -> torch.Tensor:
+    """``[min, max]`` of ``t`` as a 2-element device tensor (NaN or ±inf propagate into it)."""
+    if not t.numel():
+        return torch.zeros(2, dtype=t.dtype, device=t.device)
+    return torch.stack(torch.aminmax(t))
+
+
+def _round(scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round ``scaled`` (a fresh float tensor) in place; its int32 codes and its value range."""
     scaled.round_()
-    _check_range(scaled, dtype, frac_bits, where)
-    return scaled.to(torch.int32)
+    return scaled.to(torch.int32), value_range(scaled)
 
 
-def check_codes(codes: torch.Tensor, dtype: torch.dtype, frac_bits: int, where: str = "") -> None:
-    """Raise :class:`FixedPointRangeError` if integer ``codes`` are not exact in ``dtype``."""
-    _check_range(codes, dtype, frac_bits, where)
+def to_codes(x: torch.Tensor, frac_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``round(x · 2^l)`` as int32 codes, and their range (judge it with :func:`range_problem`)."""
+    return _round(x.to(compute_dtype(x.dtype)).mul(2.0**frac_bits))
 
 
-def _check_range(codes: torch.Tensor, dtype: torch.dtype, frac_bits: int, where: str) -> None:
-    limit = exact_code_limit(dtype)
-    if not codes.numel():
-        return
-    low, high = (v.item() for v in torch.aminmax(codes))  # one pass, no |codes| temporary
-    if not (high < limit and low > -limit):  # also catches NaN and inf
-        value = max(abs(low), abs(high)) / 2.0**frac_bits
-        raise FixedPointRangeError(
-            f"fixed-point overflow: |x| reached {value:.6g}, beyond the exact range |x| < "
-            f"2^{limit.bit_length() - 1 - frac_bits} = {limit / 2.0**frac_bits:.6g} of {dtype} codes at "
-            f"frac_bits={frac_bits}; lower BDIAConfig.frac_bits or rescale the stream",
-            module=where or None,
-        )
+def range_problem(low: float, high: float, frac_bits: int, dtype: torch.dtype | None = None) -> str | None:
+    """Why codes with this [min, max] cannot be held exactly, or None when they can. With ``dtype``
+    (the stream's), the values must also be finite in it: blocks read them in that dtype."""
+    if math.isnan(low) or math.isnan(high) or math.isinf(low) or math.isinf(high):
+        kind = "NaN" if math.isnan(low) or math.isnan(high) else "inf"
+        return (f"the stream became non-finite ({kind}) at this block: its output holds {kind} values (an "
+                "overflow inside the block, e.g. in reduced precision, or a diverging run); this is not a "
+                "fixed-point range problem, and frac_bits does not change it")
+    value = max(abs(low), abs(high)) / 2.0**frac_bits
+    if dtype is not None and dtype.is_floating_point and value > torch.finfo(dtype).max:
+        return (f"the stream reached |x| = {value:.6g}, beyond the largest {dtype} value {torch.finfo(dtype).max:.6g} "
+                "that the blocks read it in; rescale the stream or train in a wider dtype")
+    if max(abs(low), abs(high)) < CODE_LIMIT:
+        return None
+    return (f"fixed-point overflow: |x| reached {value:.6g}, beyond the exact range |x| < 2^{29 - frac_bits} = "
+            f"{exact_range(frac_bits):.6g} of the chain's int32 codes at frac_bits={frac_bits}; lower "
+            "BDIAConfig.frac_bits or rescale the stream")
 
 
 def from_codes(codes: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """The float values ``code · 2^-l`` (exact for codes within :func:`exact_code_limit`)."""
+    """The values ``code · 2^-l`` in ``dtype`` (rounded to ``dtype``'s precision where it is narrower)."""
     if dtype == torch.get_default_dtype():  # int tensor × float scalar: one pass, in the default dtype
         return codes.mul(2.0**-frac_bits)
-    return codes.to(dtype).mul_(2.0**-frac_bits)
+    return codes.to(compute_dtype(dtype)).mul_(2.0**-frac_bits).to(dtype)
 
 
 def quantize(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
     """Q[x] = round(x · 2^l) / 2^l in x's dtype (no range check: the γ = 0 / export form)."""
     scale = 2.0**frac_bits
     return torch.round(x * scale) / scale
+
+
+# ---------------------------------------------------------------- the BDIA update (γ = sign / 2)
+def gamma_of(sign: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """γ = sign / 2 in ``dtype`` (``sign`` is an int8 ±1 tensor)."""
+    return 0.5 * sign.to(dtype)
+
+
+def update_codes(f: torch.Tensor, x_codes: torch.Tensor | None, sign: torch.Tensor | None,
+                 frac_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes of Q[v] for v = (1+γ)f − 2γx (v = f for the first step: ``sign`` None), and the range
+    of the rounded term.
+
+    2γx = ±x lies on the grid, so Q[v] is taken as Q[(1+γ)f] − 2γx: one rounding of the block's
+    output, then integer arithmetic, ``round((1+γ)·2^l·f) − sign·code(x)`` (the same as rounding v
+    itself but at exact half-code ties, which round half to even on (1+γ)f; forward and recompute
+    use this one formula, which is what exactness needs).
+    """
+    scaled = f.to(compute_dtype(f.dtype)).mul(2.0**frac_bits)
+    if sign is None:
+        return _round(scaled)
+    scaled.mul_(1.0 + gamma_of(sign, scaled.dtype))
+    b, stats = _round(scaled)
+    return b.addcmul_(x_codes, sign, value=-1), stats
 
 
 def half_term(codes: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
@@ -87,18 +125,17 @@ def bdia_inverse(c: torch.Tensor, b: torch.Tensor, sign: torch.Tensor, bits: tor
     return a.add_(bits)
 
 
-def update_codes(f: torch.Tensor, x: torch.Tensor, coef_f: torch.Tensor, coef_x: torch.Tensor, frac_bits: int,
-                 where: str = "") -> torch.Tensor:
-    """Codes of Q[v] for v = (1−γ)x + (1+γ)h(x) = (1+γ)f − 2γx, from the block output f = x + h(x),
-    without materialising v: ``coef_f = (1+γ)·2^l`` and ``coef_x = −2γ·2^l`` carry the scale
-    (2^l is a power of two and −2γx is exact, so the result equals ``to_codes((1+γ)f − 2γx)``
-    bit for bit)."""
-    return _rounded_codes(torch.mul(f, coef_f).addcmul_(x, coef_x), f.dtype, frac_bits, where)
+def update_grads(grad: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Straight-through gradients of Q[v], v = (1+γ)f − 2γx: ``((1+γ)g, −2γg)`` for f and x."""
+    return grad * (1.0 + gamma), grad * (-2.0 * gamma)
 
 
-_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+def half_term_grad(grad: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """Straight-through gradient of Q[γx_{k-1}] for x_{k-1}: ``γg``."""
+    return grad * gamma
 
 
+# ---------------------------------------------------------------- side bits and checksums
 def pack_side_bits(codes: torch.Tensor) -> torch.Tensor:
     """The side bits ``s = code mod 2`` (non-negative, the low bit) packed 8 per byte, uint8
     little-endian bit order (integer-to-uint8 conversion keeps the low byte, two's complement)."""
@@ -106,22 +143,22 @@ def pack_side_bits(codes: torch.Tensor) -> torch.Tensor:
     pad = (-bits.numel()) % 8
     if pad:
         bits = torch.cat([bits, bits.new_zeros(pad)])
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=bits.device)
-    return bits.view(-1, 8).mul_(weights).sum(dim=1, dtype=torch.uint8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)  # made on the device: no host copy
+    return (bits.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
 
 
 def unpack_side_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Inverse of :func:`pack_side_bits`: a uint8 0/1 tensor of ``shape``."""
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     bits = (packed.unsqueeze(1) >> shifts).bitwise_and_(1)
-    numel = 1
-    for size in shape:
-        numel *= size
-    return bits.reshape(-1)[:numel].view(shape)
+    return bits.reshape(-1)[:math.prod(shape)].view(shape)
 
 
 def checksum(codes: torch.Tensor) -> torch.Tensor:
-    """A cheap order-sensitive int64 fingerprint of a code tensor (two sums, wrap-around)."""
-    flat = codes.reshape(-1).to(torch.int64)
-    weights = torch.arange(1, flat.numel() + 1, dtype=torch.int64, device=flat.device) % 8191
-    return torch.stack([flat.sum(), (flat * weights).sum()])
+    """A cheap int64 fingerprint of a code tensor on its device: ``(Σc, Σc²)`` (c² wraps in int32).
+
+    A single changed code changes Σc; two changes that cancel in Σc almost always change Σc². A
+    permutation of the codes keeps both. Two reductions and one temporary, no host read.
+    """
+    flat = codes.reshape(-1)
+    return torch.stack([flat.sum(dtype=torch.int64), (flat * flat).sum(dtype=torch.int64)])

@@ -11,10 +11,30 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from bdia_fx.convert import is_converted, state_of
+from bdia_fx.calls import first_float_leaf
 from bdia_fx.errors import ConversionError
 from bdia_fx.module_tree import original_class, proxy_class, shallow_clone
+from bdia_fx.observe import ChainObserver, observing
 from bdia_fx.report import ChainReport
+
+
+class _ChainStateBytes(ChainObserver):
+    """What chain calls keep outside autograd's saved tensors: the side inputs (masks, ...) a
+    reversible call holds for its recompute, and each frame's RNG states, checksums and γ seed."""
+
+    def __init__(self) -> None:
+        self.side_storages: dict[int, int] = {}
+        self.state_bytes = 0
+
+    def block_called(self, frame, index, call) -> None:
+        if frame.reversible:
+            for _, tensor in call.side_tensors():
+                pointer = _data_pointer(tensor)
+                if pointer is not None:
+                    self.side_storages[pointer] = tensor.untyped_storage().nbytes()
+
+    def forward_finished(self, frame) -> None:
+        self.state_bytes += frame.unsaved_bytes()
 
 
 def saved_activation_bytes(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> int:
@@ -26,31 +46,22 @@ def saved_activation_bytes(model: nn.Module, loss_fn: Callable[[], torch.Tensor]
     the side inputs (masks, ...) the checkpointed blocks hold for their recompute.
     """
     storages: dict[int, int] = {}
-    runtimes = list(state_of(model).runtimes.values()) if is_converted(model) else []
-    for runtime in runtimes:
-        runtime.memory_record = {}
-    try:
+    with observing(model, _ChainStateBytes()) as chains:
         with _recording_saved_tensors(model, lambda pointer, nbytes: storages.__setitem__(pointer, nbytes)):
             loss = loss_fn()
-        state_bytes = 0
-        model_storages = _model_storages(model)
-        for runtime in runtimes:  # the side inputs a chain state keeps for its recompute (once per chain)
-            record = runtime.memory_record
-            storages.update({p: n for p, n in record.get("side_storages", {}).items() if p not in model_storages})
-            state_bytes += record.get("state_bytes", 0)
-    finally:
-        for runtime in runtimes:
-            runtime.memory_record = None
+    model_storages = _model_storages(model)
+    storages.update({p: n for p, n in chains.side_storages.items() if p not in model_storages})
     loss.backward()
-    return sum(storages.values()) + state_bytes
+    return sum(storages.values()) + chains.state_bytes
 
 
 def default_loss(out: Any) -> torch.Tensor:
     """The mean square of the first floating-point tensor of a model output (a loss for measurements)."""
-    floats = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if not floats:
+    leaves = tree_flatten(out)[0]
+    index = first_float_leaf(leaves)
+    if index is None:
         raise ConversionError("the model returned no floating-point tensor to take a loss of; pass a loss function")
-    return floats[0].float().square().mean()
+    return leaves[index].float().square().mean()
 
 
 @contextlib.contextmanager
@@ -133,8 +144,10 @@ def estimate_saved_bytes(model: nn.Module, report: ChainReport, loss_fn: Callabl
     for path, chain in owner.items():
         def enter(module, args, kwargs, _path=path, _chain=chain):
             running.append(_path)
-            tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
-            stream = next((a for a in tensors if a.is_floating_point()), None)
+            leaves = tree_flatten((args, kwargs))[0]
+            index = first_float_leaf(leaves)
+            stream = leaves[index] if index is not None else None
+            tensors = [a for a in leaves if isinstance(a, torch.Tensor)]
             if stream is not None:
                 streams[_chain] = (stream.numel(), stream.numel() * stream.element_size())
             for side in tensors:

@@ -49,7 +49,7 @@ def _gamma0_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     from bdia_fx.runtime import gamma0_block_forward
 
     return gamma0_block_forward(self, original_class(self), args, kwargs, self._bdia_frac_bits,
-                                self._bdia_index == 0, self._bdia_path)
+                                self._bdia_index == 0, self._bdia_path, self._bdia_slots)
 
 
 def _checkpoint_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -61,17 +61,29 @@ def _checkpoint_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
 _FORWARDS = {"bdia": _chain_forward, "gamma0": _gamma0_forward, "checkpoint": _checkpoint_forward}
 
 
+def _reduce_proxy(self: nn.Module, protocol: int) -> tuple:
+    """Pickle a proxy as (original class, kind) and its state: the class is made again on loading."""
+    return _new_proxy, (type(self)._bdia_original_class, type(self)._bdia_kind), self.__dict__.copy()
+
+
+def _new_proxy(cls: type, kind: str) -> nn.Module:
+    return object.__new__(proxy_class(cls, kind))
+
+
 def proxy_class(cls: type, kind: str = "bdia") -> type:
     """A subclass of ``cls`` whose ``forward`` is the ``kind`` one.
 
     ``"bdia"`` hands the call to the block's chain runtime; ``"gamma0"`` runs the quantized
     γ = 0 step x_{k+1} = Q[f_k(x_k)] (the reverted model with ``quantize=True``);
     ``"checkpoint"`` runs the original forward under ``torch.utils.checkpoint`` (for comparisons).
+    Proxies pickle (``torch.save``, ``copy.deepcopy``) as their original class plus the kind.
     """
     if (cls, kind) not in _PROXY_CLASSES:
         _PROXY_CLASSES[cls, kind] = type(cls.__name__, (cls,), {
             "forward": _FORWARDS[kind],
+            "__reduce_ex__": _reduce_proxy,
             "_bdia_original_class": cls,
+            "_bdia_kind": kind,
             "__module__": cls.__module__,
             "__qualname__": f"{cls.__qualname__}[{kind}]",
         })
@@ -85,18 +97,19 @@ def install_proxy(block: nn.Module, runtime: Any, index: int) -> None:
     block._bdia_index = index
 
 
-def install_gamma0_proxy(block: nn.Module, index: int, frac_bits: int, path: str) -> None:
-    """Make ``block`` step k = ``index`` of the quantized γ = 0 chain."""
+def install_gamma0_proxy(block: nn.Module, index: int, frac_bits: int, path: str, slots: Any) -> None:
+    """Make ``block`` step k = ``index`` of the quantized γ = 0 chain (``slots``: where its stream is)."""
     block.__class__ = proxy_class(original_class(block), "gamma0")
     block._bdia_index = index
     block._bdia_frac_bits = frac_bits
     block._bdia_path = path
+    block._bdia_slots = slots
 
 
 def remove_proxy(block: nn.Module) -> None:
     """Undo :func:`install_proxy` / :func:`install_gamma0_proxy`."""
     block.__class__ = original_class(block)
-    for name in ("_bdia_runtime", "_bdia_index", "_bdia_frac_bits", "_bdia_path"):
+    for name in ("_bdia_runtime", "_bdia_index", "_bdia_frac_bits", "_bdia_path", "_bdia_slots"):
         block.__dict__.pop(name, None)
 
 

@@ -34,26 +34,28 @@ def revert(model: nn.Module, quantize: bool = False) -> nn.Module:
     converted model's eval mode (x_0 = Q[x_in], x_{k+1} = Q[f_k(x_k)]). The result has the
     original class, call signature, outputs and ``state_dict()`` keys (with ``quantize=False`` it
     is an ordinary module of the original classes, so it pickles and ``save_pretrained`` works).
-    ``model`` is not changed. Raises :class:`ConversionError` if ``model`` was not converted.
+    A model that was never called (or was just loaded from a pickle) has no graph yet: its blocks
+    are reverted all the same and :func:`graph_of` gives None. ``model`` is not changed. Raises
+    :class:`ConversionError` if ``model`` was not converted.
     """
     state = state_of(model)
-    if state.graph is None and quantize:
+    if not state.runtimes and quantize:
         raise ConversionError(
             "revert(quantize=True) needs the model's chains, but this converted model has not been called "
             "yet; call it once or pass example inputs to bdia_fx.convert", module="")
     clone = shallow_clone(model)
     graph = revert_chains(state.graph, clone, quantize, state.config.frac_bits) if state.graph is not None else None
-    blocks = reverted_blocks(graph) if graph is not None else []
-    proxied = {path for runtime in state.runtimes.values() for path in runtime.block_paths}
-    if {path for *_, path in blocks} != proxied:
-        raise ConversionError(f"the graph's chains {sorted(p for *_, p in blocks)} do not match the model's "
-                              f"converted blocks {sorted(proxied)}", module="")
+    proxied = {path: (runtime, index) for runtime in state.runtimes.values()
+               for index, path in enumerate(runtime.block_paths)}
+    if graph is not None and {path for *_, path in reverted_blocks(graph)} != set(proxied):
+        raise ConversionError(f"the graph's chains {sorted(p for *_, p in reverted_blocks(graph))} do not match the "
+                              f"model's converted blocks {sorted(proxied)}", module="")
     detach_state(clone)
     modules = dict(clone.named_modules())
-    for _, index, path in blocks:
+    for path, (runtime, index) in proxied.items():
         remove_proxy(modules[path])
         if quantize:
-            install_gamma0_proxy(modules[path], index, state.config.frac_bits, path)
+            install_gamma0_proxy(modules[path], index, state.config.frac_bits, path, runtime.slots[index])
     _REVERTED[clone] = RevertedInfo(graph, quantize, state.config.frac_bits)
     return clone
 

@@ -1,41 +1,43 @@
 """The chain runtime: executes a BDIA chain block by block, and its reversible backward.
 
-The converted model's parent module runs eagerly and calls its block modules in order; each
-block of a chain is a thin proxy (see :mod:`bdia_fx.module_tree`) that hands the call to the
-chain's :class:`ChainRuntime`. Training runs SPEC §2 under ordinary autograd, one step per block
-(or per sublayer): an update Function turns the step's output f_k(x_k) into the integer codes of
-Q[v_k], v_k = (1+γ)f_k − 2γx_k, and a stream Function forms the exact fixed-point update
-x_{k+1} = Q[γx_{k-1}] + Q[v_k]; both pass straight-through gradients.
+The converted model's parent module runs eagerly and calls its block modules in order; each block
+of a chain is a thin proxy (see :mod:`bdia_fx.module_tree`) that hands the call to the chain's
+:class:`ChainRuntime`. A training call is one :class:`~bdia_fx.frame.ChainFrame` (made at block 0)
+run under ordinary autograd, one step per block (or per sublayer): an update Function turns the
+step's output f_k(x_k) into the integer codes of Q[v_k], v_k = (1+γ)f_k − 2γx_k, and a stream
+Function forms the exact fixed-point update x_{k+1} = Q[γx_{k-1}] + Q[v_k]; both pass
+straight-through gradients (``docs/design.md``).
 
-``mode="reversible"`` runs each block under non-reentrant ``torch.utils.checkpoint`` (its RNG and
-autocast replay, no early stop) with no tensor input held: the block reads x_k from the chain, so
-nothing but x_K, x_{K-1} codes and one packed side bit per element per block is saved (as ordinary
-saved tensors of the stream Functions; γ is drawn again from one seed per chain call). When
-backward reaches block k its
-recompute reads x_k rebuilt from the codes, and inverts the update to x_{k-1} for block k-1.
-Parameter gradients are accumulated operation by operation, as with per-block checkpointing.
+``mode="reversible"`` runs each step under non-reentrant ``torch.utils.checkpoint`` (its RNG and
+autocast replay, no early stop) holding no tensor input: the step reads x_k from the frame, so
+nothing but x_K, x_{K-1} codes and one packed side bit per element per step is saved (as ordinary
+saved tensors of the stream Functions; γ is drawn again from one seed per call). When backward
+reaches step k, its recompute checks and replays what the forward read (:mod:`bdia_fx.guards`),
+reads x_k rebuilt from the codes, and inverts the update to x_{k-1} for step k-1. Parameter
+gradients are accumulated operation by operation, as with per-block checkpointing.
 ``mode="stored"`` runs the very same steps without checkpointing (the reference).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.utils.checkpoint as checkpoint
 from torch import nn
-from torch.autograd.function import once_differentiable
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from bdia_fx import fixed_point as fp
+from bdia_fx.calls import BlockCall, StreamSlots, describe_leaf, split_call, split_output
 from bdia_fx.config import BDIAConfig
 from bdia_fx.errors import ConversionError, ReversibilityError
-from bdia_fx.passes.sublayers import plan_block_call
-
+from bdia_fx.frame import ChainFrame, StepRecord, recomputing
+from bdia_fx.guards import StepState, record_step, version_of
 
 _capturing = [False]
+
+StepFunction = Callable[[torch.Tensor], "tuple[torch.Tensor, Callable[[torch.Tensor], Any] | None]"]
+SublayerPlanner = Callable[..., tuple[Any, Callable[[torch.Tensor], Any]]]
 
 
 def capturing() -> bool:
@@ -54,50 +56,14 @@ def capture_mode() -> Iterator[None]:
         _capturing[0] = previous
 
 
-@dataclass
-class _BlockCall:
-    """A block call's arguments with the stream leaf taken out (kept once per block)."""
-
-    leaves: list[Any]
-    spec: Any
-    stream_index: int
-
-    def with_stream(self, x: torch.Tensor) -> tuple[tuple, dict]:
-        leaves = list(self.leaves)
-        leaves[self.stream_index] = x
-        return tree_unflatten(leaves, self.spec)
-
-
-def _split_call(args: tuple, kwargs: dict, where: str) -> tuple[torch.Tensor, _BlockCall]:
-    leaves, spec = tree_flatten((args, kwargs))
-    for i, leaf in enumerate(leaves):
-        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
-            rest = list(leaves)
-            rest[i] = None
-            return leaf, _BlockCall(rest, spec, i)
-    raise ConversionError("block was called without a floating-point tensor (the residual stream)", module=where)
-
-
-def _split_output(out: Any, where: str) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
-    leaves, spec = tree_flatten(out)
-    for i, leaf in enumerate(leaves):
-        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
-            def rebuild(x: torch.Tensor, _i: int = i) -> Any:
-                new = list(leaves)
-                new[_i] = x
-                return tree_unflatten(new, spec)
-            return leaf, rebuild
-    raise ConversionError("block returned no floating-point tensor (the residual stream)", module=where)
-
-
 def gamma0_block_forward(block: nn.Module, original: type, args: tuple, kwargs: dict, frac_bits: int,
-                         first: bool, where: str) -> Any:
+                         first: bool, where: str, slots: StreamSlots) -> Any:
     """One step of the quantized γ = 0 chain: x_{k+1} = Q[f_k(x_k)], with x_0 = Q[x_in] if ``first``."""
-    x, call = _split_call(args, kwargs, where)
+    x, call = split_call(args, kwargs, slots, where)
     if first:
         x = fp.quantize(x, frac_bits)
     f_args, f_kwargs = call.with_stream(x)
-    f, rebuild = _split_output(original.forward(block, *f_args, **f_kwargs), where)
+    f, rebuild = split_output(original.forward(block, *f_args, **f_kwargs), slots, where)
     return rebuild(fp.quantize(f, frac_bits))
 
 
@@ -105,49 +71,43 @@ class _EnterChain(torch.autograd.Function):
     """x_0 = Q[x_in] with the straight-through gradient; its codes start the chain."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, chain: "_ChainCall", frac_bits: int, where: str) -> torch.Tensor:
-        chain.top = fp.to_codes(x, frac_bits, where)
-        return fp.from_codes(chain.top, frac_bits, x.dtype)
+    def forward(ctx, x: torch.Tensor, frame: ChainFrame) -> torch.Tensor:
+        return frame.enter(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad, None, None, None
+        return grad, None
 
 
 class _Update(torch.autograd.Function):
-    """Codes of Q[v_k], v_k = (1+γ)f_k − 2γx_k (v_0 = f_0), without materialising v_k.
+    """Codes of Q[v_k] (left on the frame) from f_k and the codes of x_k, without materialising v_k.
 
     Returns an empty tensor that links f_k and x_k to the stream update, which hands the gradient
-    g_{k+1} over through the chain call; the STE gradients are (1+γ)g for f_k and −2γg for x_k.
-    It saves only a 0-element anchor inside the step's checkpoint: backward reaches this node
+    g_{k+1} over through the frame; the straight-through gradients are (1+γ)g for f_k and −2γg for
+    x_k. It saves only a 0-element anchor inside the step's checkpoint: backward reaches this node
     first in the step, so its unpack starts the recompute (and with it the rebuild of x_{k-1})
     before anything else of the step runs backward.
     """
 
     @staticmethod
-    def forward(ctx, f: torch.Tensor, x: torch.Tensor, anchor: torch.Tensor, chain: "_ChainCall", k: int,
-                where: str) -> torch.Tensor:
+    def forward(ctx, f: torch.Tensor, x: torch.Tensor, anchor: torch.Tensor, frame: ChainFrame, k: int,
+                x_codes: torch.Tensor, direction: str) -> torch.Tensor:
         ctx.save_for_backward(anchor)
-        ctx.chain, ctx.k = chain, k
-        if k == 0:
-            chain.fresh = fp.to_codes(f, chain.frac_bits, where)
-        else:
-            scale = 2.0**chain.frac_bits
-            gamma = chain.gammas.gamma(k)
-            chain.fresh = fp.update_codes(f, x, (1.0 + gamma) * scale, (-2.0 * scale) * gamma, chain.frac_bits, where)
+        ctx.frame, ctx.k = frame, k
+        frame.update = frame.make_update(k, f, x_codes, direction)
         return f.new_empty(0)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, _link: torch.Tensor):
         ctx.saved_tensors  # noqa: B018 -- the unpack is the point: it triggers the step's recompute
-        chain, k = ctx.chain, ctx.k
-        grad = chain.grads.pop(k)
+        frame, k = ctx.frame, ctx.k
+        grad = frame.grads.pop(k)
         if k == 0:
-            return grad, None, None, None, None, None
-        gamma = chain.gammas.gamma(k)
-        chain.gammas.release(k)  # step k is done backward
-        return grad * (1.0 + gamma), grad * (-2.0 * gamma), None, None, None, None
+            return grad, None, None, None, None, None, None
+        gamma = frame.gammas.gamma(k)
+        frame.gammas.release(k)  # step k is done backward (drawn again if a retained graph runs again)
+        grad_f, grad_x = fp.update_grads(grad, gamma)
+        return grad_f, grad_x, None, None, None, None, None
 
 
 class _StreamUpdate(torch.autograd.Function):
@@ -155,101 +115,45 @@ class _StreamUpdate(torch.autograd.Function):
 
     In reversible mode it saves the packed side bits of x_{k-1}, and at the top the codes of x_K
     and x_{K-1}, as ordinary saved tensors (freed by autograd after backward unless the graph is
-    retained); its backward hands them to the chain walk before step k is recomputed.
+    retained); its backward hands them to the frame before step k is recomputed.
     """
 
     @staticmethod
-    def forward(ctx, chain: "_ChainCall", k: int, last: bool, where: str, x_below: torch.Tensor | None,
-                link: torch.Tensor) -> torch.Tensor:
-        b, l = chain.update, chain.frac_bits
-        chain.update = None
-        saved: list[torch.Tensor] = []
-        if k == 0:
-            new = b
-        else:
-            new = fp.bdia_forward(chain.below, b, chain.gammas.sign(k))
-            fp.check_codes(new, chain.dtype, l, where)
-            if chain.reversible:
-                saved.append(fp.pack_side_bits(chain.below))
-        if chain.reversible and last:
-            saved += [new, chain.top]
+    def forward(ctx, x_below: torch.Tensor | None, link: torch.Tensor, frame: ChainFrame, k: int,
+                last: bool) -> torch.Tensor:
+        b, frame.update = frame.update, None
+        new, saved = frame.advance(k, b)
+        if frame.reversible and last:
+            saved += [new, frame.below]
         ctx.save_for_backward(*saved)
-        ctx.chain, ctx.k = chain, k
-        chain.below, chain.top = chain.top, new
-        return fp.from_codes(new, l, chain.dtype)
+        ctx.frame, ctx.k, ctx.last = frame, k, last
+        return fp.from_codes(new, frame.frac_bits, frame.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        chain, k = ctx.chain, ctx.k
-        saved = list(ctx.saved_tensors)
-        if chain.reversible:
+        frame, k = ctx.frame, ctx.k
+        if frame.reversible:
+            if torch.is_grad_enabled():
+                raise ConversionError(
+                    "a reversible chain does not support higher-order gradients (create_graph=True: gradient "
+                    "penalties, double backward); convert with BDIAConfig(mode='stored') for them",
+                    module=frame.container)
+            saved = list(ctx.saved_tensors)
             if k > 0:
-                chain.bits[k] = saved.pop(0)
-            if saved:  # the top: start the walk down at x_K, x_{K-1}
-                chain.codes[k + 1], chain.codes[k] = saved
-        chain.grads[k] = grad  # for the step's update node (the link carries no data)
+                frame.bits[k] = saved.pop(0)
+            if ctx.last:
+                frame.begin_backward(k, saved)
+            elif k + 1 not in frame.codes:
+                raise ReversibilityError(
+                    f"the forward of chain '{frame.container}' ended after this step, before the chain's last "
+                    "block: a reversible chain rebuilds its inputs from the last block's output, so the parent "
+                    "must call every block of the chain in each training call (layer dropping and early exits "
+                    "need BDIAConfig(mode='stored'))", module=frame.steps[k].path)
+        frame.grads[k] = grad  # for the step's update node (the link carries no data)
         link = grad.new_zeros(0)
         if k == 0:
-            return None, None, None, None, None, link
-        return None, None, None, None, grad * chain.gammas.gamma(k), link
-
-
-class _Gammas:
-    """γ = sign/2 per sample for every step of one chain call, drawn from one seed.
-
-    Step k's signs come from a generator seeded with ``seed + k`` and are drawn again whenever a
-    step needs them (forward, and again in backward), so a chain keeps 8 bytes for γ, nothing
-    per block. The seed is drawn from torch's global generator: ``torch.manual_seed`` reproduces.
-    """
-
-    def __init__(self, table: torch.Tensor, x: torch.Tensor, batch_dim: int):
-        self.table, self.device, self.dtype = table, x.device, x.dtype
-        self.batch = x.shape[batch_dim]
-        self.shape = [self.batch if d == batch_dim else 1 for d in range(x.dim())]
-        self.seed = int(torch.randint(2**62, ())) if len(table) > 1 else 0
-        self._drawn: dict[int, torch.Tensor] = {}
-
-    def sign(self, k: int) -> torch.Tensor:
-        """Step k's signs (int8 ±1), shaped to broadcast over the stream."""
-        if k not in self._drawn:
-            if len(self.table) > 1:
-                generator = torch.Generator().manual_seed(self.seed + k)
-                signs = self.table[torch.randint(len(self.table), (self.batch,), generator=generator)]
-            else:
-                signs = self.table.expand(self.batch)
-            self._drawn[k] = signs.to(self.device).view(self.shape)
-        return self._drawn[k]
-
-    def gamma(self, k: int) -> torch.Tensor:
-        """Step k's γ in the stream dtype, shaped to broadcast over the stream."""
-        return 0.5 * self.sign(k).to(self.dtype)
-
-    def release(self, k: int) -> None:
-        self._drawn.pop(k, None)
-
-
-@dataclass
-class _ChainCall:
-    """One training call of a chain: what its steps share while running forward and backward."""
-
-    gammas: _Gammas
-    frac_bits: int
-    dtype: torch.dtype
-    reversible: bool
-    verify: bool
-    trace: Callable[[str, torch.Tensor], None]
-    below: torch.Tensor | None = None   # forward: codes of x_{k-1}
-    top: torch.Tensor | None = None     # forward: codes of x_k
-    stream: torch.Tensor | None = None  # forward: x_k, the value step k reads
-    prev: torch.Tensor | None = None    # forward: x_{k-1} (the autograd edge of the γ-term)
-    update: torch.Tensor | None = None  # forward: codes of Q[v_k] of the step just run
-    fresh: torch.Tensor | None = None   # codes of Q[v_k] just computed by the update node
-    rebuild: Callable[[torch.Tensor], Any] | None = None  # forward: the block's output structure
-    checksums: list[torch.Tensor] = field(default_factory=list)
-    codes: dict[int, torch.Tensor] = field(default_factory=dict)  # backward: codes of x_j on the walk down
-    bits: dict[int, torch.Tensor] = field(default_factory=dict)   # backward: side bits for step k
-    grads: dict[int, torch.Tensor] = field(default_factory=dict)  # backward: g_{k+1} for step k's update node
+            return None, link, None, None, None
+        return fp.half_term_grad(grad, frame.gammas.gamma(k)), link, None, None, None
 
 
 class _Step:
@@ -257,64 +161,61 @@ class _Step:
 
     ``function(x)`` gives the step's f_k(x) = x + h_k(x) and the block's output structure. The
     first call is the forward: it reads the live x_k. Checkpoint calls it again when backward
-    reaches the step: it then reads x_k rebuilt from codes, checks the recompute (``verify``),
-    and inverts the update, leaving the codes of x_{k-1} for step k-1.
+    reaches the step: it then checks what the recompute reads (``state``), replays the forward's
+    module state, reads x_k rebuilt from codes and inverts the update, leaving the codes of x_{k-1}
+    for step k-1. Checkpoint holds the step until backward has run, and no longer.
     """
 
-    def __init__(self, chain: _ChainCall, k: int, function: Callable[[torch.Tensor], tuple[torch.Tensor, Any]],
-                 where: str):
-        self.chain, self.k, self.function, self.where = chain, k, function, where
-        self.forward_done = False
-        self.x_requires_grad = False
+    def __init__(self, frame: ChainFrame, k: int, function: StepFunction, state: StepState | None):
+        self.frame, self.k, self.function, self.state = frame, k, function, state
+        self.ran = False
 
     def __call__(self, anchor: torch.Tensor) -> torch.Tensor:
-        chain, k, l, where = self.chain, self.k, self.chain.frac_bits, self.where
-        if self.forward_done:
-            if k not in chain.codes:
-                raise ReversibilityError("backward reached this step before the one above it rebuilt its input",
-                                         module=where)
-            x = fp.from_codes(chain.codes[k], l, chain.dtype).requires_grad_(self.x_requires_grad)
-        else:
-            x = chain.stream
-            self.x_requires_grad = x.requires_grad
-        version = x._version
+        frame, k = self.frame, self.k
+        record = frame.steps[k]
+        if self.ran:
+            return self._recompute(record, anchor)
+        self.ran = True
+        x = frame.stream
+        record.x_requires_grad = x.requires_grad
+        version = version_of(x)
         f, rebuild = self.function(x)
-        if x._version != version:
-            raise ConversionError("in-place op on the residual stream input inside the block", module=where)
-        link = _Update.apply(f, x, anchor, chain, k, where)
-        b, chain.fresh = chain.fresh, None
-        with torch.no_grad():
-            if not self.forward_done:
-                self.forward_done = True
-                chain.update, chain.rebuild = b, rebuild
-                if chain.verify:
-                    chain.checksums.append(fp.checksum(b))
-            else:
-                self._invert(b)
+        if version_of(x) != version:
+            raise ConversionError("in-place op on the residual stream input inside the block", module=record.path)
+        link = _Update.apply(f, x, anchor, frame, k, frame.top, "forward")
+        if rebuild is not None:
+            frame.rebuild = rebuild
         return link
 
-    def _invert(self, b: torch.Tensor) -> None:
-        chain, k = self.chain, self.k
-        if chain.verify and not torch.equal(fp.checksum(b), chain.checksums[k]):
-            raise ReversibilityError(
-                "backward recompute of this block differs from its forward (checksum mismatch): the block "
-                "is not deterministic (non-deterministic kernel, unreplayed randomness or changed state)",
-                module=self.where,
-            )
-        above = chain.codes.pop(k + 1)  # the walk needs x_{k+1} no longer
-        if k == 0:
-            chain.codes.pop(0)
-            return
-        bits = fp.unpack_side_bits(chain.bits.pop(k), b.shape)
-        chain.codes[k - 1] = fp.bdia_inverse(above, b, chain.gammas.sign(k), bits)
-        chain.trace("backward", chain.codes[k - 1])
+    def _recompute(self, record: StepRecord, anchor: torch.Tensor) -> torch.Tensor:
+        frame, k = self.frame, self.k
+        if k not in frame.codes:
+            raise ReversibilityError("backward reached this step before the one above it rebuilt its input",
+                                     module=record.path)
+        self.state.check()
+        x_codes = frame.codes[k]
+        x = fp.from_codes(x_codes, frame.frac_bits, frame.dtype).requires_grad_(record.x_requires_grad)
+        with self.state.replay(), recomputing():
+            f, _ = self.function(x)
+        link = _Update.apply(f, x, anchor, frame, k, x_codes, "backward")
+        b, frame.update = frame.update, None
+        with torch.no_grad():
+            frame.invert(k, b)
+        return link
 
 
 class ChainRuntime:
-    """Runs one chain of ``K`` blocks as BDIA (training) or as the γ = 0 chain (eval)."""
+    """Runs one chain of ``K`` blocks as BDIA (training) or as the γ = 0 chain (eval).
+
+    ``plan_sublayers(block, original, leaves, spec, stream_index, slots, where)`` (given by
+    :func:`bdia_fx.convert` for ``granularity="sublayer"``) returns a block call's sublayer plan
+    and a function rebuilding the block's output; the runtime caches and executes plans, it does
+    not make them.
+    """
 
     def __init__(self, container: str, block_paths: tuple[str, ...], blocks: list[nn.Module],
-                 originals: list[type], config: BDIAConfig, batch_dim: int, random_blocks: list[bool]):
+                 originals: list[type], config: BDIAConfig, batch_dim: int, random_blocks: list[bool],
+                 slots: list[StreamSlots], plan_sublayers: SublayerPlanner | None = None):
         self.container = container
         self.block_paths = block_paths
         self.blocks = blocks
@@ -322,84 +223,100 @@ class ChainRuntime:
         self.config = config
         self.batch_dim = batch_dim
         self.random_blocks = list(random_blocks)
-        self.code_trace: dict[str, list[torch.Tensor]] | None = None  # set by bdia_fx.check_exactness
-        self.memory_record: dict[str, Any] | None = None  # filled per call while bdia_fx.memory measures
-        self.step_paths: list[str] = []  # the steps of the last training call (a block, or one sublayer)
-        self._chain: _ChainCall | None = None
-        self._last_out: torch.Tensor | None = None
-        self._index = 0
-        self._random_steps = 0
-        self._plans: dict[Any, tuple] = {}  # granularity="sublayer": (plan, rebuild) per block call pattern
+        self.slots = slots
+        self.plan_sublayers = plan_sublayers
+        self.observers: list = []  # bdia_fx.observe.ChainObserver instances while something measures
+        self._frame: ChainFrame | None = None  # the training call whose forward is running
+        self._training = False  # whether the running call trains (some block of the chain is in training mode)
+        self._plans: dict[Any, tuple] = {}  # granularity="sublayer": (plan, rebuild) per block call and shapes
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_frame"], state["_plans"], state["observers"] = None, {}, []  # per call, or re-made on demand
+        return state
 
     # ------------------------------------------------------------------ dispatch
     def run_block(self, index: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
         original = self.originals[index]
         if capturing():
             return original.forward(block, *args, **kwargs)
-        if not block.training:
-            return self._eval_block(index, block, original, args, kwargs)
-        x, call = _split_call(args, kwargs, self.block_paths[index])
+        where = self.block_paths[index]
+        if index == 0:  # the whole chain call trains if any of its blocks is in training mode
+            self._training = any(b.training for b in self.blocks)
+        if not self._training:
+            if not self.config.quantize_eval:
+                return original.forward(block, *args, **kwargs)
+            return gamma0_block_forward(block, original, args, kwargs, self.config.frac_bits, index == 0, where,
+                                        self.slots[index])
+        x, call = split_call(args, kwargs, self.slots[index], where)
         if index == 0:
-            self._start(x)
-        elif self._chain is None or x is not self._last_out or index != self._index:
+            if x.dim() <= self.batch_dim:
+                raise ConversionError(f"stream has {x.dim()} dims, no batch dim {self.batch_dim}", module=where)
+            self._frame = ChainFrame(self.container, x, self.config, self.batch_dim, tuple(self.observers))
+        else:
+            self._accept(index, x)
+        frame = self._frame
+        frame.next_block = index + 1
+        try:
+            return self._train_block(frame, index, block, original, x, call)
+        except BaseException:
+            self._frame = None  # a failed call keeps nothing alive until the next one
+            raise
+
+    def _accept(self, index: int, x: torch.Tensor) -> None:
+        """Block ``index`` must get exactly what block ``index - 1`` returned, unmodified."""
+        frame, where, before = self._frame, self.block_paths[index], self.block_paths[index - 1]
+        if frame is None or frame.next_block != index:
+            expected = 0 if frame is None else frame.next_block
             raise ConversionError(
-                f"block {index} of chain '{self.container}' got a stream that is not block {index - 1}'s "
-                "output: the blocks must run in order with nothing applied to the stream in between",
-                module=self.block_paths[index],
-            )
-        self._index = index + 1
-        return self._train_block(index, block, original, x, call)
-
-    def _start(self, x: torch.Tensor) -> None:
-        if x.dim() <= self.batch_dim:
-            raise ConversionError(f"stream has {x.dim()} dims, no batch dim {self.batch_dim}", module=self.block_paths[0])
-        table = torch.tensor([int(2 * g) for g in self.config.gammas], dtype=torch.int8)
-        self._chain = _ChainCall(_Gammas(table, x, self.batch_dim), self.config.frac_bits, x.dtype,
-                                 self.config.mode == "reversible", self.config.verify, self._trace)
-        self.step_paths = []
-        self._random_steps = 0
-
-    # ------------------------------------------------------------------ eval (γ = 0)
-    def _eval_block(self, index: int, block: nn.Module, original: type, args: tuple, kwargs: dict) -> Any:
-        if not self.config.quantize_eval:
-            return original.forward(block, *args, **kwargs)
-        return gamma0_block_forward(block, original, args, kwargs, self.config.frac_bits, index == 0,
-                                    self.block_paths[index])
+                f"block {index} of chain '{self.container}' ran out of order (block {expected} was due): the "
+                "blocks of a chain must run in order, each once per call", module=where)
+        if x is not frame.out:
+            hooks = _hooks_between(self.blocks[index - 1], before, self.blocks[index], where)
+            raise ConversionError(
+                f"block {index} of chain '{self.container}' got a stream that is not block {index - 1}'s output: "
+                f"something between '{before}' and '{where}' replaced it ({hooks or 'no hook is registered there'}; "
+                "else the parent's code or a wrapper around the block, such as gradient checkpointing). A chain "
+                "keeps its own exact copy of the stream, so nothing may change it between blocks; a change made "
+                "inside a block (a hook on one of its submodules) is part of the block and is replayed exactly",
+                module=where)
+        if version_of(x) != frame.out_version:
+            hooks = _hooks_between(self.blocks[index - 1], before, self.blocks[index], where)
+            raise ConversionError(
+                f"the stream between '{before}' and '{where}' was modified in place "
+                f"({hooks or 'no hook is registered there: the parent code'}). A chain keeps its own exact copy "
+                "of the stream, so the change would be lost in backward; a change made inside a block (a hook on "
+                "one of its submodules) is part of the block and is replayed exactly", module=where)
 
     # ------------------------------------------------------------------ training (BDIA)
-    def _train_block(self, index: int, block: nn.Module, original: type, x: torch.Tensor, call: _BlockCall) -> Any:
-        chain, where = self._chain, self.block_paths[index]
+    def _train_block(self, frame: ChainFrame, index: int, block: nn.Module, original: type, x: torch.Tensor,
+                     call: BlockCall) -> Any:
         if index == 0:
-            x = _EnterChain.apply(x, chain, self.config.frac_bits, where)
-        if self.memory_record is not None and chain.reversible:  # only while measuring: off the hot path
-            self.memory_record.setdefault("side_storages", {}).update(
-                {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                 for t in call.leaves if isinstance(t, torch.Tensor)})
+            x = _EnterChain.apply(x, frame)
+        for observer in frame.observers:
+            observer.block_called(frame, index, call)
         steps = self._steps_of(index, block, original, x, call)
         for j, (function, label, random) in enumerate(steps):
             last = index == len(self.blocks) - 1 and j == len(steps) - 1
-            x = self._run_step(chain, x, function, label, random, last)
-        rebuild, chain.rebuild = chain.rebuild, None
+            x = self._run_step(frame, x, function, label, random, last, index, call)
+        rebuild, frame.rebuild = frame.rebuild, None
         if index < len(self.blocks) - 1:
-            self._last_out = x
+            frame.out, frame.out_version = x, version_of(x)
             return rebuild(x)
-        self._trace("forward", chain.top)
-        if self.memory_record is not None:
-            self.memory_record["state_bytes"] = self._unsaved_bytes(chain)
-        chain.below = chain.top = chain.prev = None
-        self._chain, self._last_out = None, None
+        self._frame = None
+        frame.finish_forward()
         return rebuild(x)
 
     def _steps_of(self, index: int, block: nn.Module, original: type, x: torch.Tensor,
-                  call: _BlockCall) -> list[tuple[Callable[[torch.Tensor], tuple[torch.Tensor, Any]], str, bool]]:
+                  call: BlockCall) -> list[tuple[StepFunction, str, bool]]:
         """The BDIA steps of one block call: the whole block, or one per sequential residual add."""
-        where = self.block_paths[index]
+        where, slots = self.block_paths[index], self.slots[index]
         if self.config.granularity == "block":
             def whole(stream: torch.Tensor) -> tuple[torch.Tensor, Any]:
                 f_args, f_kwargs = call.with_stream(stream)
-                return _split_output(original.forward(block, *f_args, **f_kwargs), where)
+                return split_output(original.forward(block, *f_args, **f_kwargs), slots, where)
             return [(whole, where, self.random_blocks[index])]
-        plan, rebuild = self._plan(index, block, original, x, call)
+        plan, rebuild = self._plan(index, block, original, x, call)  # plans are per module state too
         tensors = [None if i == call.stream_index else leaf for i, leaf in enumerate(call.leaves)
                    if i == call.stream_index or isinstance(leaf, torch.Tensor)]  # the stream is never held
         steps = []
@@ -409,44 +326,48 @@ class ChainRuntime:
             steps.append((sublayer, f"{where} (sublayer {j})", plan.random[j]))
         return steps
 
-    def _plan(self, index: int, block: nn.Module, original: type, x: torch.Tensor, call: _BlockCall) -> tuple:
-        """The block's sublayer plan for this call pattern and these shapes (exported once, cached)."""
-        key = (index, call.spec, tuple(
-            (tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor)
-            else v if isinstance(v, (int, float, bool, str, type(None))) else type(v).__name__
-            for v in call.leaves))
+    def _plan(self, index: int, block: nn.Module, original: type, x: torch.Tensor, call: BlockCall) -> tuple:
+        """The block's sublayer plan for this call structure, these input shapes and this module state
+        (training flags, ``Dropout.p``, ...: an exported graph holds them as constants); made once, cached."""
+        state = tuple(tuple(v for v in m.__dict__.values() if type(v) in (bool, int, float, str)) for m in block.modules())
+        key = (index, call.spec, describe_leaf(x, shapes=True), tuple(describe_leaf(v, shapes=True) for v in call.leaves),
+               state)
         if key not in self._plans:
             leaves = list(call.leaves)
             leaves[call.stream_index] = x.detach()
-            with capture_mode():
-                self._plans[key] = plan_block_call(block, original, leaves, call.spec, call.stream_index,
-                                                   self.block_paths[index])
+            self._plans[key] = self.plan_sublayers(block, original, leaves, call.spec, call.stream_index,
+                                                   self.slots[index], self.block_paths[index])
         return self._plans[key]
 
-    def _run_step(self, chain: _ChainCall, x: torch.Tensor, function: Callable, where: str, random: bool,
-                  last: bool) -> torch.Tensor:
-        k = len(self.step_paths)
-        self.step_paths.append(where)
-        chain.stream = x
-        self._trace("forward", chain.top)
-        step = _Step(chain, k, function, where)
+    def _run_step(self, frame: ChainFrame, x: torch.Tensor, function: StepFunction, path: str, random: bool,
+                  last: bool, index: int, call: BlockCall) -> torch.Tensor:
+        k = len(frame.steps)
+        state = (record_step(self.blocks[index], self.block_paths[index], call.side_tensors(), call.leaf_name)
+                 if frame.reversible else None)
+        frame.steps.append(StepRecord(path, random))
+        frame.stream = x
+        step = _Step(frame, k, function, state)
         anchor = x.new_empty(0)  # on x's device: checkpoint keeps that device's RNG state
-        if chain.reversible:
-            self._random_steps += random
+        if frame.reversible:
             with checkpoint.set_checkpoint_early_stop(False):  # the rebuild needs the step's whole output
                 link = checkpoint.checkpoint(step, anchor, use_reentrant=False, preserve_rng_state=random)
         else:
             link = step(anchor)
-        out = _StreamUpdate.apply(chain, k, last, where, chain.prev, link)
-        chain.gammas.release(k)  # drawn again in backward
-        chain.prev, chain.stream = x, None
+        out = _StreamUpdate.apply(frame.prev, link, frame, k, last)
+        frame.gammas.release(k)  # drawn again in backward
+        frame.prev, frame.stream = x, None
         return out
 
-    def _unsaved_bytes(self, chain: _ChainCall) -> int:
-        """Bytes a chain call keeps outside autograd's saved tensors: checkpoint's RNG states, checksums, γ seed."""
-        rng_bytes = torch.get_rng_state().numel() * self._random_steps
-        return rng_bytes + sum(c.numel() * c.element_size() for c in chain.checksums) + 8
 
-    def _trace(self, direction: str, codes: torch.Tensor) -> None:
-        if self.code_trace is not None:
-            self.code_trace[direction].append(codes.clone())
+def _hooks_between(before: nn.Module, before_path: str, block: nn.Module, path: str) -> str:
+    """The hooks that run between two blocks' forwards, named with their module."""
+    from torch.nn.modules import module as module_globals
+
+    def names(hooks: dict) -> list[str]:
+        return [getattr(h, "__qualname__", type(h).__name__) for h in hooks.values()]
+
+    found = [f"forward hook {n} on '{before_path}'" for n in names(before._forward_hooks)]
+    found += [f"forward pre-hook {n} on '{path}'" for n in names(block._forward_pre_hooks)]
+    found += [f"global forward hook {n}" for n in names(module_globals._global_forward_hooks)]
+    found += [f"global forward pre-hook {n}" for n in names(module_globals._global_forward_pre_hooks)]
+    return ", ".join(found)

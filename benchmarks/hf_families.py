@@ -66,9 +66,10 @@ def check(family: str, granularity: str) -> dict:
                                                                     gradients(ref, ids, params)))
         with torch.no_grad():
             eval_diff = float((rev.eval()(ids, **kwargs).logits - model.eval()(ids, **kwargs).logits).abs().max())
-        steps = {name: len(r.step_paths) for name, r in state_of(rev).runtimes.items()}
-        return {"family": family, "granularity": granularity, "ok": True, "steps": steps, "grad_diff": grad_diff,
-                "eval_diff": eval_diff, "seconds": time.perf_counter() - start}
+        exactness = bdia_fx.check_exactness(rev, (ids,), kwargs)
+        steps = {name: 1 + sum(b.chain == name for b in exactness.blocks) for name in state_of(rev).runtimes}
+        return {"family": family, "granularity": granularity, "ok": True, "steps": steps, "exact": exactness.exact,
+                "grad_diff": grad_diff, "eval_diff": eval_diff, "seconds": time.perf_counter() - start}
     except bdia_fx.ConversionError as error:
         return {"family": family, "granularity": granularity, "ok": False, "error": str(error).splitlines()[0],
                 "seconds": time.perf_counter() - start}
@@ -81,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     transformers.logging.set_verbosity_error()
-    print(f"{'family':<12} {'granularity':<10} {'steps':<26} {'grad diff':>10} {'eval diff':>10} {'s':>5}")
+    print(f"{'family':<12} {'granularity':<10} {'steps':<26} {'rebuild':<9} {'grad diff':>10} {'eval diff':>10} {'s':>5}")
     rows = []
     for family in args.families:
         for granularity in ("block", "sublayer"):
@@ -89,8 +90,9 @@ def main() -> None:
             rows.append(row)
             if row["ok"]:
                 steps = ", ".join(f"{n}: {k}" for n, k in row["steps"].items())
-                print(f"{family:<12} {granularity:<10} {steps:<26} {row['grad_diff']:>10.1e} {row['eval_diff']:>10.1e} "
-                      f"{row['seconds']:>5.1f}", flush=True)
+                exact = "bit-exact" if row["exact"] else "NOT exact"
+                print(f"{family:<12} {granularity:<10} {steps:<26} {exact:<9} {row['grad_diff']:>10.1e} "
+                      f"{row['eval_diff']:>10.1e} {row['seconds']:>5.1f}", flush=True)
             else:
                 print(f"{family:<12} {granularity:<10} refused: {row['error']}", flush=True)
     if args.json:

@@ -7,7 +7,8 @@ buffers allocated and zeroed in place as in a training loop (so they are not cou
 step time as the median of N steps after 2 warm-ups, all methods interleaved in this one
 process, as ratios to plain, to checkpoint (torch's recommended non-reentrant form, early stop on)
 and to checkpoint-full (early stop off: every block recomputed whole, the recompute BDIA needs);
-checkpoint-reentrant (the classic form, also a whole recompute) is measured beside them.
+checkpoint-reentrant (the classic form, also a whole recompute) is measured beside them, and
+bdia-no-verify (``BDIAConfig(verify=False)``) prices the default per-step checksum.
 
     python benchmarks/memory.py [--layers 4 8 12 24] [--steps 10] [--json results/memory.json]
 """
@@ -30,7 +31,7 @@ import bdia_fx
 from bdia_fx.memory import saved_activation_bytes
 from output import write_json
 
-METHODS = ("plain", "checkpoint", "checkpoint-full", "checkpoint-reentrant", "bdia", "bdia-stored")
+METHODS = ("plain", "checkpoint", "checkpoint-full", "checkpoint-reentrant", "bdia", "bdia-no-verify", "bdia-stored")
 B, T, D, HEADS = 8, 64, 256, 4
 
 
@@ -66,7 +67,8 @@ def build(method: str, layers: int) -> tuple[nn.Module, torch.Tensor]:
         model = Checkpointed(model, method)
     elif method.startswith("bdia"):
         mode = "stored" if method == "bdia-stored" else "reversible"
-        model = bdia_fx.convert(model, (x,), config=bdia_fx.BDIAConfig(mode=mode))
+        config = bdia_fx.BDIAConfig(mode=mode, verify=method != "bdia-no-verify")
+        model = bdia_fx.convert(model, (x,), config=config)
     return model.train(), x
 
 

@@ -1,7 +1,7 @@
 """Capture a module as an ATen graph with module paths, via ``torch.export(strict=False)``.
 
 ``torch.fx.symbolic_trace`` fails on transformers-5 models; non-strict export works on every
-family measured (see shared CAPTURE.md) and records each node's module path in
+family measured (docs/design.md, "Capture for analysis, run eagerly") and records each node's module path in
 ``node.meta["nn_module_stack"]``. The captured program is used for analysis only.
 """
 

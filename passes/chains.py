@@ -90,15 +90,28 @@ def _is_random(node: fx.Node) -> bool:
     return True
 
 
-def _candidate_containers(model: nn.Module) -> list[tuple[str, list[str]]]:
-    """Modules whose numbered children (ModuleList / Sequential style) share one class, shallowest first."""
+@dataclass(frozen=True)
+class _Container:
+    """A module with numbered children (ModuleList / Sequential style): a candidate chain."""
+
+    name: str
+    paths: list[str]
+    shared: bool  # one module object under several numbers (shared weights)
+    one_class: bool
+
+
+def _candidate_containers(model: nn.Module) -> list[_Container]:
+    """Modules with numbered children, shallowest first."""
     found = []
     for name, module in model.named_modules():
-        numbered = sorted((int(child), child, type(sub)) for child, sub in module.named_children() if child.isdigit())
-        if numbered and len({cls for _, _, cls in numbered}) == 1:
+        numbered = sorted((int(child), child, sub) for child, sub in module._modules.items()
+                          if child.isdigit() and sub is not None)
+        if numbered:
             prefix = f"{name}." if name else ""
-            found.append((name, [prefix + child for _, child, _ in numbered]))
-    found.sort(key=lambda item: item[0].count(".") if item[0] else -1)
+            found.append(_Container(name, [prefix + child for _, child, _ in numbered],
+                                    len({id(sub) for *_, sub in numbered}) < len(numbered),
+                                    len({type(sub) for *_, sub in numbered}) == 1))
+    found.sort(key=lambda c: c.name.count(".") if c.name else -1)
     return found
 
 
@@ -133,6 +146,12 @@ def _scan_block(path: str, nodes: list[fx.Node], params: set[str], want: fx.Node
             if arg not in members and arg not in inputs and not (arg.op == "placeholder" and arg.name in params) and arg.op != "get_attr":
                 inputs.append(arg)
     outputs = [n for n in nodes if any(user not in members for user in n.users)]
+    mutated = [n for n in outputs if _is_mutating(n) and n.args and n.args[0] in inputs]
+    if len(outputs) > 1 and mutated:
+        node = mutated[0]
+        scan.problem = (node.name, f"block modifies its input '{node.args[0].name}' in place ({node.target}, node "
+                        f"'{node.name}'); a recompute would read the modified value. Modify a copy inside the block")
+        return scan
     if len(outputs) != 1:
         names = ", ".join(n.name for n in outputs) or "none"
         scan.problem = (
@@ -195,8 +214,17 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module) -> 
     claimed: list[str] = []  # block paths of accepted or rejected chains; nested containers skip
     order = {node: i for i, node in enumerate(graph.nodes)}
 
-    for container, paths in _candidate_containers(model):
+    for candidate in _candidate_containers(model):
+        container, paths = candidate.name, candidate.paths
         if any(container == p or container.startswith(p + ".") for p in claimed):
+            continue
+        if candidate.shared:
+            if any(_module_paths(n) & set(paths) for n in graph.nodes if n.op == "call_function"):
+                report.rejections.append(Rejection(
+                    container, paths[0], None,
+                    f"the numbered children of '{container}' are one module object used {len(paths)} times (shared "
+                    "weights, as in ALBERT or a universal transformer); a chain needs one module per block"))
+                claimed.extend(paths)
             continue
         members = _blocks_of(graph, paths)
         called = [p for p in paths if members[p]]
@@ -209,11 +237,14 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module) -> 
             scans.append(_scan_block(path, members[path], params, want))
         linked = [scans[i].stream_in is not None and scans[i].stream_in is scans[i - 1].stream_out for i in range(1, len(scans))]
         residual = [s for s in scans if s.problem is None or s.residual_like]
+        if not residual:
+            report.ignored.append((container, "its numbered children are not residual blocks"))
+            continue
+        if not candidate.one_class and len(residual) < len(scans):
+            report.ignored.append((container, "its numbered children are of different classes and not all residual blocks"))
+            continue
         if len(scans) > 1 and not any(linked) and not _feeds(scans):
             report.ignored.append((container, "its numbered children do not feed one another"))
-            continue
-        if len(scans) == 1 and not residual:
-            report.ignored.append((container, "a single child that is not a residual block"))
             continue
         claimed.extend(called)
         rejection = _chain_problem(container, scans, linked, mutated_buffers)

@@ -165,10 +165,11 @@ class _TensorCall(nn.Module):
     """A block call as a function of its tensor arguments only (the other leaves fixed), returning
     just the stream; it remembers the rest of the block's output structure for the runtime."""
 
-    def __init__(self, block: nn.Module, original: type, leaves: list[Any], spec: Any):
+    def __init__(self, block: nn.Module, original: type, leaves: list[Any], spec: Any,
+                 output_slot: Callable[[list[Any], Any], int]):
         super().__init__()
         self.block = block
-        self.original, self.leaves, self.spec = original, leaves, spec
+        self.original, self.leaves, self.spec, self.output_slot = original, leaves, spec, output_slot
         self.tensor_slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
         out: dict[str, Any] = {}
 
@@ -183,7 +184,7 @@ class _TensorCall(nn.Module):
             leaves[slot] = tensor
         args, kwargs = tree_unflatten(leaves, self.spec)
         out_leaves, out_spec = tree_flatten(self.original.forward(self.block, *args, **kwargs))
-        stream = next(i for i, v in enumerate(out_leaves) if isinstance(v, torch.Tensor) and v.is_floating_point())
+        stream = self.output_slot(out_leaves, out_spec)
         # Other tensors the block returns (e.g. attention weights) are unused by the parent for this
         # call pattern (the chain pass refuses blocks with any other value leaving them): None stands in.
         self.record(index=stream, spec=out_spec,
@@ -199,13 +200,15 @@ def _rebuild_output(out: dict[str, Any], stream: torch.Tensor) -> Any:
 
 
 def plan_block_call(block: nn.Module, original: type, leaves: list[Any], spec: Any, stream_leaf: int,
+                    output_slot: Callable[[list[Any], Any], int],
                     where: str) -> tuple[SublayerPlan, Callable[[torch.Tensor], Any]]:
     """Export one block call (training mode, these shapes) and split it into sublayer steps.
 
     ``leaves``/``spec`` are the call's flattened ``(args, kwargs)`` with the stream at
-    ``stream_leaf``. Returns the plan and a function giving the block's output around a stream.
+    ``stream_leaf``; ``output_slot(leaves, spec)`` says which leaf of the block's flattened output
+    is the stream. Returns the plan and a function giving the block's output around a stream.
     """
-    call = _TensorCall(block, original, leaves, spec)
+    call = _TensorCall(block, original, leaves, spec, output_slot)
     tensors = [leaves[i] for i in call.tensor_slots]
     with torch.random.fork_rng(devices=[]):  # tracing must not move the generator the training step uses
         ep = capture(call, tuple(tensors))

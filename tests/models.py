@@ -2,8 +2,41 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
 from torch import nn
+
+
+class ResidualMLP(nn.Module):
+    """The smallest pre-LN residual block: x + lin(ln(x))."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.ln, self.lin = nn.LayerNorm(d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.lin(self.ln(x))
+
+
+class PythonRandomBlock(ResidualMLP):
+    """Draws from Python's ``random``, which torch.utils.checkpoint does not replay."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.lin(self.ln(x)) * (1.0 + 0.1 * random.random())
+
+
+class Stack(nn.Module):
+    """Blocks in a ModuleList called in a loop on the stream."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.layers = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
 
 
 class PreLNBlock(nn.Module):

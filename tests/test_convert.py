@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -9,7 +11,8 @@ from torch import nn
 import bdia_fx
 from bdia_fx import BDIAConfig, ConversionError
 
-from models import TinyGPT, bert, encoder, gpt2
+from cases import assert_close, grads
+from models import PreLNBlock, ResidualMLP, Stack, TinyGPT, bert, encoder, gpt2
 
 
 def _snapshot(model):
@@ -135,7 +138,7 @@ def test_refuses_use_cache_in_training():
 
 
 def test_refuses_non_modules_and_double_conversion():
-    with pytest.raises(ConversionError, match="expected an nn.Module"):
+    with pytest.raises(TypeError, match="expected an nn.Module"):
         bdia_fx.convert(lambda x: x)
     model = encoder(2)
     conv = bdia_fx.convert(model, (torch.randn(2, 3, 32),))
@@ -144,7 +147,7 @@ def test_refuses_non_modules_and_double_conversion():
 
 
 def test_config_rejects_gammas_that_break_exactness():
-    with pytest.raises(ConversionError, match="gammas"):
+    with pytest.raises(ValueError, match="gammas"):
         BDIAConfig(gammas=(0.25,))
 
 
@@ -155,3 +158,86 @@ def test_lazy_conversion_finds_chains_at_the_first_call():
     x = torch.randn(2, 5, 32, requires_grad=True)
     conv(x).sum().backward()
     assert x.grad is not None
+
+
+def test_the_same_block_object_repeated_is_refused_for_the_true_reason():
+    shared = ResidualMLP()
+    _assert_refused(Stack([shared] * 4), (torch.randn(2, 8),), match=r"one module object used 4 times \(shared weights")
+
+
+class _Other(ResidualMLP):
+    """A residual block of a second class."""
+
+
+def test_alternating_block_classes_form_one_chain():
+    torch.manual_seed(0)
+    model = Stack([ResidualMLP(), _Other(), ResidualMLP(), _Other()])
+    x = torch.randn(4, 8, requires_grad=True)
+    rev = bdia_fx.convert(model, (x,))
+    ref = bdia_fx.convert(model, (x,), config=BDIAConfig(mode="stored"))
+    assert [c.block_paths for c in bdia_fx.find_chains(model, (x,)).chains] == [tuple(f"layers.{i}" for i in range(4))]
+    _, g_rev = grads(rev, (x,), {}, 1, extra=(x,))
+    _, g_ref = grads(ref, (x,), {}, 1, extra=(x,))
+    assert_close(g_rev, g_ref)
+
+
+class _MutatesSide(ResidualMLP):
+    def forward(self, x, mask):
+        mask.add_(0.0)
+        return x + self.lin(self.ln(x)) * mask
+
+
+class _MutatesSideStack(Stack):
+    def forward(self, x):
+        mask = torch.ones_like(x)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+def test_a_block_mutating_a_side_input_is_refused_for_the_true_reason():
+    _assert_refused(_MutatesSideStack([_MutatesSide() for _ in range(3)]), (torch.randn(2, 8),),
+                    match=r"layers\.0.*modifies its input 'ones_like' in place \(aten\.add_")
+
+
+def test_example_inputs_may_be_one_tensor_and_anything_else_is_a_type_error():
+    model = Stack([ResidualMLP() for _ in range(3)])
+    x = torch.randn(2, 8)
+    assert bdia_fx.find_chains(model, x).chains
+    bdia_fx.convert(model, x).train()(x)
+    with pytest.raises(TypeError, match="example_inputs must be a tuple"):
+        bdia_fx.convert(model, {"x": x})
+
+
+def test_numbered_children_that_are_not_residual_blocks_are_left_alone():
+    class WithHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = Stack([ResidualMLP() for _ in range(3)])
+            self.head = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    report = bdia_fx.find_chains(WithHead(), (torch.randn(2, 8),))
+    assert [c.container for c in report.chains] == ["body.layers"]
+    assert ("head", "its numbered children are not residual blocks") in report.ignored
+
+
+@pytest.mark.parametrize("granularity", ["block", "sublayer"])
+def test_a_converted_model_pickles_and_trains_on_after_loading(tmp_path, granularity):
+    """torch.save / torch.load and copy.deepcopy: the proxies pickle as their original class, the
+    loaded model captures its call pattern again at its first call and its gradients are unchanged."""
+    torch.manual_seed(0)
+    model = TinyGPT(layers=3, dropout=0.1)
+    ids = torch.randint(0, 50, (2, 8))
+    conv = bdia_fx.convert(model, (ids,), config=BDIAConfig(granularity=granularity))
+    _, want = grads(conv, (ids,), {}, 2)
+    torch.save(conv, tmp_path / "conv.pt")
+    for loaded in (torch.load(tmp_path / "conv.pt", weights_only=False), copy.deepcopy(conv)):
+        assert type(loaded.blocks[0]).__qualname__ == "PreLNBlock[bdia]" and loaded.blocks[0] is not conv.blocks[0]
+        _, got = grads(loaded, (ids,), {}, 2)
+        assert_close(got, want)
+        assert bdia_fx.check_exactness(loaded, (ids,)).exact
+        reverted = bdia_fx.revert(loaded)
+        assert type(reverted.blocks[0]) is PreLNBlock

@@ -11,7 +11,7 @@ from torch import nn
 import bdia_fx
 from bdia_fx import ExportError
 
-from test_revert import CASES, _train_a_few_steps
+from cases import SIZED_CASES as CASES, train_a_few_steps
 
 
 @pytest.mark.parametrize("quantize", [False, True], ids=["plain", "quantized"])
@@ -20,7 +20,7 @@ def test_one_file_matches_pytorch_at_two_batch_sizes_and_lengths(name, quantize,
     build, make_inputs, kwargs = CASES[name]
     torch.manual_seed(0)
     conv = bdia_fx.convert(build(), make_inputs(2, 8), kwargs)
-    _train_a_few_steps(conv, make_inputs, kwargs, steps=1)
+    train_a_few_steps(conv, make_inputs, kwargs, steps=1)
     conv.train()  # export uses the γ = 0 graph whatever the mode
     result = bdia_fx.export_onnx(conv, tmp_path / "model.onnx", make_inputs(2, 8), kwargs, quantize=quantize)
     assert result.path.is_file() and result.file_bytes == os.path.getsize(result.path)

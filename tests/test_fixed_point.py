@@ -1,12 +1,13 @@
 """Exactness of the fixed-point math, checked on integer codes."""
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bdia_fx import fixed_point as fp
-from bdia_fx.errors import FixedPointRangeError
 
 codes_strategy = st.lists(st.integers(-(2**23) + 1, 2**23 - 1), min_size=1, max_size=64)
 
@@ -48,17 +49,39 @@ def test_side_bits_round_trip_in_one_bit_per_element(n, seed):
 
 def test_codes_match_quantize_and_round_trip():
     x = torch.randn(1000) * 10
-    codes = fp.to_codes(x, 9)
+    codes, stats = fp.to_codes(x, 9)
+    assert codes.dtype == torch.int32
     assert torch.equal(fp.from_codes(codes, 9, torch.float32), fp.quantize(x, 9))
+    assert stats.tolist() == [codes.min().item(), codes.max().item()]
 
 
-@pytest.mark.parametrize("value", [1e6, float("inf"), float("nan")])
-def test_values_beyond_exact_float32_range_raise(value):
-    with pytest.raises(FixedPointRangeError, match="exact range"):
-        fp.to_codes(torch.tensor([0.0, value]), 9, "blocks.3")
+@pytest.mark.parametrize("value, reason", [(1e7, "fixed-point overflow.*exact range"), (float("inf"), "non-finite \\(inf\\)"),
+                                           (float("-inf"), "non-finite \\(inf\\)"), (float("nan"), "non-finite \\(NaN\\)")])
+def test_range_problems_say_what_went_wrong(value, reason):
+    _, stats = fp.to_codes(torch.tensor([0.0, value]), 9)
+    assert re.search(reason, fp.range_problem(*stats.tolist(), 9))
+    assert fp.range_problem(*fp.to_codes(torch.tensor([-1e6, 1e6]), 9)[1].tolist(), 9) is None
 
 
-def test_exact_limit_follows_the_dtype():
-    assert fp.exact_code_limit(torch.float32) == 2**24
-    assert fp.exact_code_limit(torch.bfloat16) == 2**8
-    assert fp.exact_code_limit(torch.float64) == 2**31 - 1
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_the_exact_range_does_not_depend_on_the_stream_dtype(dtype):
+    """Codes are int32 whatever the stream's dtype; a value of a narrow dtype is rounded on its way
+    into a block, deterministically, so the chain stays exact."""
+    x = torch.tensor([300.0, -123.5, 0.25]).to(dtype)
+    codes, stats = fp.to_codes(x, 9)
+    assert fp.range_problem(*stats.tolist(), 9) is None
+    assert torch.equal(codes, torch.tensor([300 * 512, -123.5 * 512, 128], dtype=torch.int32))
+    assert torch.equal(fp.from_codes(codes, 9, dtype), x)
+    assert fp.exact_range(9) == 2.0**20
+
+
+@settings(max_examples=100, deadline=None)
+@given(codes=codes_strategy, f_seed=st.integers(0, 2**31), sign=st.sampled_from([-1, 1]))
+def test_update_codes_are_q_of_v_with_one_rounding(codes, f_seed, sign):
+    """The codes of Q[v], v = (1+γ)f − 2γx, are round(y) − 2γ·code(x) for the float32 product
+    y = (1+γ)·2^l·f, with no float rounding of the x term (checked in float64, where it is exact)."""
+    x_codes = torch.tensor(codes, dtype=torch.int32)
+    f = torch.randn(x_codes.shape, generator=torch.Generator().manual_seed(f_seed)) * 100
+    b, _ = fp.update_codes(f, x_codes, torch.full_like(x_codes, sign, dtype=torch.int8), 9)
+    y = f * 2**9 * (1 + sign / 2)
+    assert torch.equal(b.double(), torch.round(y).double() - sign * x_codes.double())

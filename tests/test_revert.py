@@ -11,28 +11,8 @@ import bdia_fx
 from bdia_fx import BDIAConfig, ConversionError
 from bdia_fx.convert import state_of
 
-from models import TinyGPT, encoder, gpt2, vit
-
-CASES = {
-    "encoder-batch-first": (lambda: encoder(3, batch_first=True, dropout=0.1), lambda b, t: (torch.randn(b, t, 32),), {}),
-    "encoder-seq-first": (lambda: encoder(3, batch_first=False, dropout=0.1), lambda b, t: (torch.randn(t, b, 32),), {}),
-    "tiny-gpt": (lambda: TinyGPT(dropout=0.1), lambda b, t: (torch.randint(0, 50, (b, t)),), {}),
-    "gpt2": (lambda: gpt2(3), lambda b, t: (torch.randint(0, 64, (b, t)),), {"use_cache": False}),
-    "vit": (lambda: vit(3), lambda b, t: (torch.randn(b, 1, 16, 16),), {}),
-}
-
-
-def _logits(out):
-    return out.logits if hasattr(out, "logits") else out
-
-
-def _train_a_few_steps(conv, make_inputs, kwargs, steps=3):
-    opt = torch.optim.SGD(conv.parameters(), lr=0.05)
-    conv.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        _logits(conv(*make_inputs(2, 8), **kwargs)).square().mean().backward()
-        opt.step()
+from cases import SIZED_CASES as CASES, logits, train_a_few_steps
+from models import TinyGPT, gpt2
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -41,7 +21,7 @@ def test_reverted_model_equals_original_and_converted_eval(name):
     torch.manual_seed(0)
     model = build()
     conv = bdia_fx.convert(model, make_inputs(2, 8), kwargs, BDIAConfig(quantize_eval=False))
-    _train_a_few_steps(conv, make_inputs, kwargs)
+    train_a_few_steps(conv, make_inputs, kwargs)
     plain, plain_q = bdia_fx.revert(conv), bdia_fx.revert(conv, quantize=True)
     conv_q = bdia_fx.convert(model, make_inputs(2, 8), kwargs)  # quantize_eval=True, same weights
     for m in (model, conv, conv_q, plain, plain_q):
@@ -52,10 +32,10 @@ def test_reverted_model_equals_original_and_converted_eval(name):
     with torch.no_grad():
         for batch, length in [(2, 8), (3, 5)]:
             inputs = make_inputs(batch, length)
-            reference = _logits(model(*inputs, **kwargs))
-            assert torch.equal(_logits(plain(*inputs, **kwargs)), reference)
-            assert torch.equal(_logits(conv(*inputs, **kwargs)), reference)
-            assert torch.equal(_logits(plain_q(*inputs, **kwargs)), _logits(conv_q(*inputs, **kwargs)))
+            reference = logits(model(*inputs, **kwargs))
+            assert torch.equal(logits(plain(*inputs, **kwargs)), reference)
+            assert torch.equal(logits(conv(*inputs, **kwargs)), reference)
+            assert torch.equal(logits(plain_q(*inputs, **kwargs)), logits(conv_q(*inputs, **kwargs)))
 
 
 def test_reverted_model_is_an_ordinary_module():
@@ -87,7 +67,7 @@ def test_trained_checkpoint_loads_into_a_fresh_original_model():
     torch.manual_seed(0)
     build, make_inputs, kwargs = CASES["tiny-gpt"]
     conv = bdia_fx.convert(build(), make_inputs(2, 8), kwargs)
-    _train_a_few_steps(conv, make_inputs, kwargs)
+    train_a_few_steps(conv, make_inputs, kwargs)
     fresh = build()
     fresh.load_state_dict(bdia_fx.revert(conv).state_dict(), strict=True)
     ids = make_inputs(3, 7)
@@ -102,7 +82,7 @@ def test_hf_save_pretrained_round_trip(tmp_path):
     model = gpt2(3)
     ids = torch.randint(0, 64, (2, 8))
     conv = bdia_fx.convert(model, (ids,), {"use_cache": False})
-    _train_a_few_steps(conv, lambda b, t: (torch.randint(0, 64, (b, t)),), {"use_cache": False})
+    train_a_few_steps(conv, lambda b, t: (torch.randint(0, 64, (b, t)),), {"use_cache": False})
     reverted = bdia_fx.revert(conv).eval()
     reverted.save_pretrained(tmp_path)
     loaded = GPT2LMHeadModel.from_pretrained(tmp_path).eval()

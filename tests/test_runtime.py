@@ -1,4 +1,4 @@
-"""The chain runtime against independent references: stored autograd, SPEC §2 in plain autograd."""
+"""The chain runtime against independent references: stored autograd, and the training forward in plain autograd."""
 
 from __future__ import annotations
 
@@ -8,41 +8,11 @@ import torch
 import bdia_fx
 from bdia_fx import BDIAConfig
 from bdia_fx.convert import state_of
+from bdia_fx.observe import observing
 
-from models import TinyGPT, encoder, gpt2, gptj, llama, neox, opt, vit
-
-L = 9
-
-
-def _grads(model, args, kwargs, seed, loss_of, extra=()):
-    model.train()
-    torch.manual_seed(seed)
-    loss = loss_of(model(*args, **kwargs))
-    params = [p for p in model.parameters() if p.requires_grad]
-    return loss.detach(), torch.autograd.grad(loss, [*params, *extra])
-
-
-def _assert_close(got, want):
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
-
-
-def _loss_sum(out):
-    return (out.logits if hasattr(out, "logits") else out).pow(2).mean()
-
-
-CASES = {
-    "encoder-batch-first": (lambda: encoder(4, batch_first=True, dropout=0.1), lambda: (torch.randn(3, 7, 32),), {}),
-    "encoder-seq-first": (lambda: encoder(4, batch_first=False, dropout=0.1), lambda: (torch.randn(7, 3, 32),), {}),
-    "tiny-gpt-dropout": (lambda: TinyGPT(layers=5, dropout=0.1), lambda: (torch.randint(0, 50, (3, 9)),), {}),
-    "hf-gpt2": (lambda: gpt2(3), lambda: (torch.randint(0, 64, (2, 8)),), {"use_cache": False}),
-    "hf-vit": (lambda: vit(3), lambda: (torch.randn(2, 1, 16, 16),), {}),
-    "hf-llama-rotary": (lambda: llama(3), lambda: (torch.randint(0, 64, (2, 8)),), {"use_cache": False}),
-    "hf-neox-parallel-residual": (lambda: neox(3), lambda: (torch.randint(0, 64, (2, 8)),), {"use_cache": False}),
-    "hf-opt-reshaped-residual": (lambda: opt(3), lambda: (torch.randint(2, 64, (2, 8)),), {"use_cache": False}),
-    "hf-gptj-parallel-returns-weights": (lambda: gptj(3), lambda: (torch.randint(0, 64, (2, 8)),), {"use_cache": False}),
-}
-
+from cases import TRAINING_CASES as CASES, FramesSeen, assert_close, grads, mean_square_loss
+from models import TinyGPT, encoder, gpt2
+from references import L, Q, bdia_chain
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_reversible_gradients_equal_stored_reference(case):
@@ -56,45 +26,11 @@ def test_reversible_gradients_equal_stored_reference(case):
     extra = args[:1] if x_grad else ()
     rev = bdia_fx.convert(model, args, kwargs, BDIAConfig(mode="reversible", verify=True))
     ref = bdia_fx.convert(model, args, kwargs, BDIAConfig(mode="stored"))
-    loss_r, g_rev = _grads(rev, args, kwargs, 7, _loss_sum, extra)
-    loss_s, g_ref = _grads(ref, args, kwargs, 7, _loss_sum, extra)
+    loss_r, g_rev = grads(rev, args, kwargs, 7, mean_square_loss, extra)
+    loss_s, g_ref = grads(ref, args, kwargs, 7, mean_square_loss, extra)
     assert torch.equal(loss_r, loss_s)
     assert any(g.abs().sum() > 0 for g in g_rev)
-    _assert_close(g_rev, g_ref)
-
-
-class _Q(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, v):
-        return torch.round(v * 2**L) / 2**L
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
-
-
-class _HalfQ(torch.autograd.Function):
-    """Q[γ x] for x on the grid, γ = ±½: floor(a/2) resp. −floor(a/2) codes, gradient γ."""
-
-    @staticmethod
-    def forward(ctx, x, gamma):
-        ctx.gamma = gamma
-        a = torch.round(x * 2**L)
-        return torch.floor(a / 2) * (1 if gamma > 0 else -1) / 2**L
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * ctx.gamma, None
-
-
-def _spec_chain(layers, x, gamma):
-    """SPEC §2 training forward written out with plain autograd (γ fixed for every sample)."""
-    prev = _Q.apply(x)
-    cur = _Q.apply(layers[0](prev))
-    for layer in layers[1:]:
-        update = (1 + gamma) * layer(cur) - 2 * gamma * cur
-        prev, cur = cur, _HalfQ.apply(prev, gamma) + _Q.apply(update)
-    return cur
+    assert_close(g_rev, g_ref)
 
 
 @pytest.mark.parametrize("gamma", [0.5, -0.5])
@@ -107,29 +43,12 @@ def test_fixed_gamma_equals_spec_reference_in_plain_autograd(gamma, mode):
     conv.train()
     model.train()
     out = conv(x)
-    ref = _spec_chain(list(model.layers), x, gamma)
+    ref = bdia_chain(list(model.layers), x, gamma)
     assert torch.equal(out, ref)
     params = list(model.parameters())
     got = torch.autograd.grad(out.pow(2).mean(), [x, *params])
     want = torch.autograd.grad(ref.pow(2).mean(), [x, *params])
-    _assert_close(got, want)
-
-
-def test_backward_rebuilds_every_stream_value_bit_exactly_with_dropout():
-    torch.manual_seed(2)
-    model = TinyGPT(layers=12, dropout=0.2)
-    ids = torch.randint(0, 50, (4, 10))
-    conv = bdia_fx.convert(model, (ids,))
-    runtime = state_of(conv).runtimes["blocks"]
-    assert all(runtime.random_blocks)
-    runtime.code_trace = {"forward": [], "backward": []}
-    conv.train()
-    conv(ids).sum().backward()
-    forward, backward = runtime.code_trace["forward"], runtime.code_trace["backward"]
-    assert len(forward) == 13 and len(backward) == 11  # x_0 … x_12 ; rebuilt x_10 … x_0
-    for k, rebuilt in zip(range(10, -1, -1), backward):
-        assert rebuilt.dtype == torch.int32
-        assert torch.equal(rebuilt, forward[k]), f"x_{k} not rebuilt exactly"
+    assert_close(got, want)
 
 
 def test_gamma_is_drawn_per_sample_on_the_batch_dim():
@@ -140,7 +59,7 @@ def test_gamma_is_drawn_per_sample_on_the_batch_dim():
     runtime = state_of(conv).runtimes["layers"]
     assert runtime.batch_dim == 1
     conv.train()
-    gammas = conv(x).grad_fn.chain.gammas  # the chain call, on the last stream update's autograd node
+    gammas = conv(x).grad_fn.frame.gammas  # the chain call's frame, on the last stream update's autograd node
     signs = [gammas.sign(k) for k in (1, 2)]
     assert all(s.shape == (1, 16, 1) and s.dtype == torch.int8 for s in signs)
     assert set(torch.cat(signs).unique().tolist()) == {-1, 1}
@@ -149,45 +68,13 @@ def test_gamma_is_drawn_per_sample_on_the_batch_dim():
     assert torch.equal(gammas.sign(1), signs[0])  # drawn again (in backward) from the chain's seed: the same
 
 
-class _NoisyBlock(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(8, 8)
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1  # a block whose recompute differs from its forward
-        return x + self.lin(x) * (1.0 + 1e-3 * self.calls)
-
-
-class _Stack(torch.nn.Module):
-    def __init__(self, n=3):
-        super().__init__()
-        self.layers = torch.nn.ModuleList(_NoisyBlock() for _ in range(n))
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-
-def test_verify_names_a_non_deterministic_block():
-    model = _Stack()
-    x = torch.randn(4, 8)
-    conv = bdia_fx.convert(model, (x,), config=BDIAConfig(verify=True))
-    conv.train()
-    out = conv(x.requires_grad_())
-    with pytest.raises(bdia_fx.ReversibilityError, match=r"layers\.2.*not deterministic"):
-        out.sum().backward()
-
-
 def test_inputs_beyond_the_exact_range_raise_a_clear_error():
     model = encoder(3)
     x = torch.randn(2, 4, 32)
     conv = bdia_fx.convert(model, (x,))
     conv.train()
-    with pytest.raises(bdia_fx.FixedPointRangeError, match=r"layers\.0.*exact range"):
-        conv(x * 1e6)
+    with pytest.raises(bdia_fx.FixedPointRangeError, match=r"layers\.0.*entering the chain.*exact range"):
+        conv(x * 1e7)
 
 
 def test_eval_without_quantization_is_the_original_model_bit_for_bit():
@@ -210,9 +97,9 @@ def test_eval_with_quantization_is_the_gamma_zero_chain():
     model.eval()
     with torch.no_grad():
         got = conv(x)
-        want = _Q.apply(x)
+        want = Q.apply(x)
         for layer in model.layers:
-            want = _Q.apply(layer(want))
+            want = Q.apply(layer(want))
         assert torch.equal(got, want)
         assert (got - model(x)).abs().max() < 4 * 2.0**-L * len(model.layers)
 
@@ -227,18 +114,18 @@ def test_backward_accumulates_into_grad_and_partial_grads_match_stored():
     rev = bdia_fx.convert(model, (ids,), config=BDIAConfig(verify=True))
     ref = bdia_fx.convert(model, (ids,), config=BDIAConfig(mode="stored"))
     middle = list(model.blocks[2].parameters())
-    _, want = _grads(ref, (ids,), {}, 3, _loss_sum)
+    _, want = grads(ref, (ids,), {}, 3, mean_square_loss)
     rev.train()
     torch.manual_seed(3)
-    got_middle = torch.autograd.grad(_loss_sum(rev(ids)), middle)
+    got_middle = torch.autograd.grad(mean_square_loss(rev(ids)), middle)
     ref.train()
     torch.manual_seed(3)
-    want_middle = torch.autograd.grad(_loss_sum(ref(ids)), middle)
-    _assert_close(got_middle, want_middle)
+    want_middle = torch.autograd.grad(mean_square_loss(ref(ids)), middle)
+    assert_close(got_middle, want_middle)
     for _ in range(2):
         torch.manual_seed(3)
-        _loss_sum(rev(ids)).backward()
-    _assert_close([p.grad for p in model.parameters()], [2 * g for g in want])
+        mean_square_loss(rev(ids)).backward()
+    assert_close([p.grad for p in model.parameters()], [2 * g for g in want])
 
 
 def test_retained_graph_backward_twice_rebuilds_again_and_doubles_the_gradients():
@@ -250,12 +137,12 @@ def test_retained_graph_backward_twice_rebuilds_again_and_doubles_the_gradients(
     ids = torch.randint(0, 50, (2, 6))
     rev = bdia_fx.convert(model, (ids,), config=BDIAConfig(verify=True)).train()
     ref = bdia_fx.convert(model, (ids,), config=BDIAConfig(mode="stored"))
-    _, want = _grads(ref, (ids,), {}, 5, _loss_sum)
+    _, want = grads(ref, (ids,), {}, 5, mean_square_loss)
     torch.manual_seed(5)
-    loss = _loss_sum(rev(ids))
+    loss = mean_square_loss(rev(ids))
     loss.backward(retain_graph=True)
     loss.backward()
-    _assert_close([p.grad for p in model.parameters()], [2 * g for g in want])
+    assert_close([p.grad for p in model.parameters()], [2 * g for g in want])
     with pytest.raises(RuntimeError, match="second time"):
         loss.backward()
 
@@ -272,23 +159,26 @@ def test_sublayer_granularity_gradients_equal_stored_reference(case):
     args = make_args()
     rev = bdia_fx.convert(model, args, kwargs, BDIAConfig(granularity="sublayer", verify=True))
     ref = bdia_fx.convert(model, args, kwargs, BDIAConfig(granularity="sublayer", mode="stored"))
-    loss_r, g_rev = _grads(rev, args, kwargs, 7, _loss_sum)
-    loss_s, g_ref = _grads(ref, args, kwargs, 7, _loss_sum)
+    loss_r, g_rev = grads(rev, args, kwargs, 7, mean_square_loss)
+    loss_s, g_ref = grads(ref, args, kwargs, 7, mean_square_loss)
     assert torch.equal(loss_r, loss_s)
-    _assert_close(g_rev, g_ref)
+    assert_close(g_rev, g_ref)
     (runtime,) = state_of(rev).runtimes.values()
     per_block = 1 if "parallel" in case else 2  # attention and MLP; a parallel-residual block is one step
-    assert len(runtime.step_paths) == per_block * len(runtime.blocks)
-    assert runtime.step_paths[-1] == f"{runtime.block_paths[-1]} (sublayer {per_block - 1})"
+    with observing(rev, FramesSeen()) as seen:
+        rev(*args, **kwargs)
+    paths = [step.path for step in seen.frames[0].steps]
+    assert len(paths) == per_block * len(runtime.blocks)
+    assert paths[-1] == f"{runtime.block_paths[-1]} (sublayer {per_block - 1})"
 
 
 def _spec_sublayer_chain(layers, x, gamma):
-    """SPEC §2 with every residual add a step: x + sa(norm1 x), then y + ff(norm2 y), per layer."""
+    """The training forward with every residual add a step: x + sa(norm1 x), then y + ff(norm2 y), per layer."""
     steps = []
     for layer in layers:
         steps += [lambda v, l=layer: v + l._sa_block(l.norm1(v), None, None),
                   lambda v, l=layer: v + l._ff_block(l.norm2(v))]
-    return _spec_chain(steps, x, gamma)
+    return bdia_chain(steps, x, gamma)
 
 
 @pytest.mark.parametrize("gamma", [0.5, -0.5])
@@ -302,7 +192,7 @@ def test_sublayer_fixed_gamma_equals_spec_reference_in_plain_autograd(gamma):
     ref = _spec_sublayer_chain(list(model.layers), x, gamma)
     assert torch.equal(out, ref)
     params = list(model.parameters())
-    _assert_close(torch.autograd.grad(out.pow(2).mean(), [x, *params]),
+    assert_close(torch.autograd.grad(out.pow(2).mean(), [x, *params]),
                   torch.autograd.grad(ref.pow(2).mean(), [x, *params]))
 
 
@@ -324,11 +214,11 @@ def test_cpu_autocast_recompute_matches_stored_and_rebuilds_exactly():
     rev = bdia_fx.convert(model, (ids,), config=BDIAConfig(verify=True))
     ref = bdia_fx.convert(model, (ids,), config=BDIAConfig(mode="stored"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss_r, g_rev = _grads(rev, (ids,), {}, 9, _loss_sum)
-        loss_s, g_ref = _grads(ref, (ids,), {}, 9, _loss_sum)
+        loss_r, g_rev = grads(rev, (ids,), {}, 9, mean_square_loss)
+        loss_s, g_ref = grads(ref, (ids,), {}, 9, mean_square_loss)
         report = bdia_fx.check_exactness(rev, (ids,))
     assert torch.equal(loss_r, loss_s) and report.exact
-    _assert_close(g_rev, g_ref)
+    assert_close(g_rev, g_ref)
 
 
 def test_float64_stream_uses_the_wider_exact_range():
@@ -337,10 +227,10 @@ def test_float64_stream_uses_the_wider_exact_range():
     x = (1e6 * torch.randn(2, 5, 32, dtype=torch.float64)).requires_grad_()  # beyond float32's exact codes
     rev = bdia_fx.convert(model, (x,), config=BDIAConfig(frac_bits=4))
     ref = bdia_fx.convert(model, (x,), config=BDIAConfig(frac_bits=4, mode="stored"))
-    loss_r, g_rev = _grads(rev, (x,), {}, 3, _loss_sum, (x,))
-    loss_s, g_ref = _grads(ref, (x,), {}, 3, _loss_sum, (x,))
+    loss_r, g_rev = grads(rev, (x,), {}, 3, mean_square_loss, (x,))
+    loss_s, g_ref = grads(ref, (x,), {}, 3, mean_square_loss, (x,))
     assert rev.train()(x).dtype == torch.float64 and torch.equal(loss_r, loss_s)
-    _assert_close(g_rev, g_ref)
+    assert_close(g_rev, g_ref)
 
 
 def test_sublayer_plans_follow_new_shapes_and_call_patterns():
@@ -354,8 +244,70 @@ def test_sublayer_plans_follow_new_shapes_and_call_patterns():
              ((torch.randint(0, 64, (3, 5)),), {"use_cache": False}),
              ((torch.randint(0, 64, (3, 5)),), {"use_cache": False, "attention_mask": torch.ones(3, 5, dtype=torch.long)})]
     for args, kwargs in calls:
-        _, g_rev = _grads(rev, args, kwargs, 2, _loss_sum)
-        _, g_ref = _grads(ref, args, kwargs, 2, _loss_sum)
-        _assert_close(g_rev, g_ref)
+        _, g_rev = grads(rev, args, kwargs, 2, mean_square_loss)
+        _, g_ref = grads(ref, args, kwargs, 2, mean_square_loss)
+        assert_close(g_rev, g_ref)
     (runtime,) = state_of(rev).runtimes.values()
     assert len(runtime._plans) >= 2 * 2  # two blocks, at least two shapes each
+
+
+def _halve_in_place(module, args, out):
+    out.mul_(0.5)
+
+
+def _halve_input_in_place(module, args):
+    args[0].mul_(0.5)
+
+
+def _halve(module, args, out):
+    return out * 0.5
+
+
+@pytest.mark.parametrize("mode", ["reversible", "stored"])
+def test_hooks_that_change_the_stream_between_blocks_are_refused_naming_them(mode):
+    """The plain model runs such hooks; a chain keeps its own exact copy of the stream, which a hook
+    between blocks cannot reach, so it refuses (naming the hook and its module) instead of dropping it."""
+    torch.manual_seed(0)
+    model = TinyGPT(layers=4)
+    ids = torch.randint(0, 50, (2, 8))
+    conv = bdia_fx.convert(model, (ids,), config=BDIAConfig(mode=mode)).train()
+    cases = [(conv.blocks[1].register_forward_hook, _halve_in_place, r"modified in place \(forward hook _halve_in_place on 'blocks\.1'\)"),
+             (conv.blocks[2].register_forward_pre_hook, _halve_input_in_place, r"modified in place \(forward pre-hook _halve_input_in_place on 'blocks\.2'\)"),
+             (conv.blocks[1].register_forward_hook, _halve, r"not block 1's output.*forward hook _halve on 'blocks\.1'")]
+    for register, hook, reason in cases:
+        handle = register(hook)
+        model.train()(ids)  # the plain model runs with it
+        with pytest.raises(bdia_fx.ConversionError, match=r"\[module 'blocks\.2'\] .*" + reason):
+            conv(ids)
+        handle.remove()
+    conv.blocks[3].register_forward_hook(_halve_in_place)  # after the last block: an ordinary op on the output
+    rev_out = conv(ids)
+    rev_out.sum().backward()
+
+
+def test_a_hook_inside_a_block_is_part_of_the_block_and_replayed_exactly():
+    torch.manual_seed(0)
+    model = TinyGPT(layers=4, dropout=0.1)
+    ids = torch.randint(0, 50, (2, 8))
+    results = []
+    for mode in ("reversible", "stored"):
+        conv = bdia_fx.convert(model, (ids,), config=BDIAConfig(mode=mode))
+        conv.blocks[1].mlp.register_forward_hook(_halve_in_place)  # activation steering inside the block
+        results.append(grads(conv, (ids,), {}, 3)[1])
+    assert_close(*results)
+
+
+@pytest.mark.parametrize("make, shapes", [
+    (lambda: encoder(2, dropout=0.1), [(2, 5, 32), (3, 7, 32), (3, 5, 32)]),
+    (lambda: TinyGPT(layers=2, dropout=0.1), [(2, 8), (3, 8), (3, 6)]),
+])
+def test_sublayer_plans_are_keyed_on_the_stream_shape_too(make, shapes):
+    """A new (batch, seq) with no mask, or a new batch size whose mask shape stays, gets its own plan."""
+    torch.manual_seed(0)
+    model = make()
+    example = torch.randn(*shapes[0]) if len(shapes[0]) == 3 else torch.randint(0, 50, shapes[0])
+    rev = bdia_fx.convert(model, (example,), config=BDIAConfig(granularity="sublayer"))
+    ref = bdia_fx.convert(model, (example,), config=BDIAConfig(granularity="sublayer", mode="stored"))
+    for shape in shapes:
+        x = torch.randn(*shape) if len(shape) == 3 else torch.randint(0, 50, shape)
+        assert_close(grads(rev, (x,), {}, 1)[1], grads(ref, (x,), {}, 1)[1])

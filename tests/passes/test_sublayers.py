@@ -6,6 +6,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 import bdia_fx
+from bdia_fx.calls import StreamSlots
 from bdia_fx.passes.sublayers import plan_block_call
 
 from models import encoder
@@ -13,7 +14,7 @@ from models import encoder
 
 def _plan(block: nn.Module, *args, **kwargs):
     leaves, spec = tree_flatten((args, kwargs))
-    return plan_block_call(block, type(block), leaves, spec, 0, "layer")
+    return plan_block_call(block, type(block), leaves, spec, 0, StreamSlots().output_slot, "layer")
 
 
 def test_pre_ln_block_splits_into_attention_and_mlp_steps_that_match_eager():

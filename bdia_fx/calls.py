@@ -1,0 +1,202 @@
+"""Where the residual stream is in a block's call arguments and in its output.
+
+A block call is flattened to pytree leaves ``tree_flatten((args, kwargs))``. Which leaf is the
+stream is *observed* while the model is captured (:func:`recording_block_calls`): block k+1 receives,
+as the very same tensor object, what block k returned. :func:`stream_slots` turns those records into
+one :class:`StreamSlots` per block, keyed by call structure. Only a call structure no capture has
+seen (a block called directly, outside a planned model call) falls back to the rule in
+:func:`first_float_leaf`: the first floating-point tensor leaf.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils._pytree import (TreeSpec, keystr, tree_flatten, tree_flatten_with_path, tree_unflatten, treespec_dumps,
+                                 treespec_loads)
+
+from bdia_fx.errors import ConversionError
+
+
+def describe_leaf(value: Any, shapes: bool) -> Any:
+    """What of a call leaf selects a capture or a plan: a tensor's dtype and rank (with ``shapes``:
+    its shape and device), or a plain value; other objects by their type."""
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.dtype, value.device) if shapes else (value.dtype, value.dim())
+    return value if isinstance(value, (int, float, bool, str, type(None))) else type(value).__name__
+
+
+def first_float_leaf(leaves: list[Any]) -> int | None:
+    """The fallback rule: the index of the first floating-point tensor leaf, or None."""
+    return next((i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()),
+                None)
+
+
+@dataclass
+class StreamSlots:
+    """Where one block's stream is, per call structure: the input leaf and the output leaf."""
+
+    inputs: dict[TreeSpec, int] = field(default_factory=dict)
+    outputs: dict[TreeSpec, int] = field(default_factory=dict)
+
+    def input_slot(self, leaves: list[Any], spec: TreeSpec) -> int | None:
+        slot = self.inputs.get(spec)
+        return slot if slot is not None else first_float_leaf(leaves)
+
+    def output_slot(self, leaves: list[Any], spec: TreeSpec) -> int | None:
+        slot = self.outputs.get(spec)
+        return slot if slot is not None else first_float_leaf(leaves)
+
+    def merge(self, other: "StreamSlots") -> None:
+        self.inputs.update(other.inputs)
+        self.outputs.update(other.outputs)
+
+    def __getstate__(self) -> dict:
+        """Call structures pickle through torch's own TreeSpec serialization; one it cannot write (a
+        custom pytree node without a serialized name) is left out and observed again at the next capture."""
+        return {name: dict(_dumped(table)) for name, table in (("inputs", self.inputs), ("outputs", self.outputs))}
+
+    def __setstate__(self, state: dict) -> None:
+        self.inputs = {treespec_loads(spec): slot for spec, slot in state["inputs"].items()}
+        self.outputs = {treespec_loads(spec): slot for spec, slot in state["outputs"].items()}
+
+
+def _dumped(table: dict[TreeSpec, int]) -> Iterator[tuple[str, int]]:
+    for spec, slot in table.items():
+        try:
+            yield treespec_dumps(spec), slot
+        except (NotImplementedError, TypeError, ValueError):
+            continue
+
+
+@dataclass
+class BlockCall:
+    """A block call's arguments with the stream leaf taken out (the call keeps no stream tensor)."""
+
+    leaves: list[Any]
+    spec: TreeSpec
+    stream_index: int
+
+    def with_stream(self, x: torch.Tensor) -> tuple[tuple, dict]:
+        leaves = list(self.leaves)
+        leaves[self.stream_index] = x
+        return tree_unflatten(leaves, self.spec)
+
+    def side_tensors(self) -> list[tuple[int, torch.Tensor]]:
+        """The call's other tensors (masks, position tables, encoder states) with their leaf index."""
+        return [(i, leaf) for i, leaf in enumerate(self.leaves) if isinstance(leaf, torch.Tensor)]
+
+    def leaf_name(self, index: int) -> str:
+        """A readable name of argument leaf ``index``: ``attention_mask``, ``position_embeddings[0]``, ``args[1]``."""
+        paths = tree_flatten_with_path(tree_unflatten(list(range(len(self.leaves))), self.spec))[0]
+        text = keystr(paths[index][0])
+        if text.startswith("[0]"):
+            return "args" + text[3:]
+        name, _, rest = text[len("[1]['"):].partition("']")
+        return name + rest
+
+
+def split_call(args: tuple, kwargs: dict, slots: StreamSlots, where: str) -> tuple[torch.Tensor, BlockCall]:
+    """The stream of a block call and the rest of the call."""
+    leaves, spec = tree_flatten((args, kwargs))
+    index = slots.input_slot(leaves, spec)
+    if index is None or not (isinstance(leaves[index], torch.Tensor) and leaves[index].is_floating_point()):
+        raise ConversionError("block was called without a floating-point tensor (the residual stream)", module=where)
+    stream = leaves[index]
+    leaves[index] = None
+    return stream, BlockCall(leaves, spec, index)
+
+
+def split_output(out: Any, slots: StreamSlots, where: str) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
+    """The stream a block returned, and a function putting another stream in its place."""
+    leaves, spec = tree_flatten(out)
+    index = slots.output_slot(leaves, spec)
+    if index is None or not isinstance(leaves[index], torch.Tensor):
+        raise ConversionError("block returned no floating-point tensor (the residual stream)", module=where)
+
+    def rebuild(x: torch.Tensor) -> Any:
+        new = list(leaves)
+        new[index] = x
+        return tree_unflatten(new, spec)
+
+    return leaves[index], rebuild
+
+
+@dataclass
+class _Recorded:
+    leaves: list[Any]
+    spec: TreeSpec
+    out_leaves: list[Any] | None = None
+    out_spec: TreeSpec | None = None
+
+
+@contextlib.contextmanager
+def recording_block_calls(model: nn.Module) -> Iterator[dict[str, list[_Recorded]]]:
+    """Record the flattened arguments and outputs of every call of a numbered child module
+    (``layers.3``, ``h.0``: the candidates for blocks) while the body runs, e.g. a capture."""
+    calls: dict[str, list[_Recorded]] = {}
+    handles = []
+
+    def before(path: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        leaves, spec = tree_flatten((args, kwargs))
+        calls.setdefault(path, []).append(_Recorded(leaves, spec))
+
+    def after(path: str, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        record = calls[path][-1]
+        record.out_leaves, record.out_spec = tree_flatten(out)
+
+    for path, module in model.named_modules():
+        if path.rpartition(".")[2].isdigit():
+            handles.append(module.register_forward_pre_hook(
+                lambda m, a, k, _p=path: before(_p, m, a, k), with_kwargs=True))
+            handles.append(module.register_forward_hook(
+                lambda m, a, k, o, _p=path: after(_p, m, a, k, o), with_kwargs=True))
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _handover(here: _Recorded, there: _Recorded) -> list[tuple[int, int]]:
+    """(output leaf, input leaf) pairs where block k hands block k+1 a floating-point tensor it made
+    (a value it only passes through, received as an argument, is not the stream)."""
+    received = {id(leaf) for leaf in here.leaves if isinstance(leaf, torch.Tensor)}
+    return [(j, i) for j, out in enumerate(here.out_leaves)
+            if isinstance(out, torch.Tensor) and out.is_floating_point() and id(out) not in received
+            for i, arg in enumerate(there.leaves) if arg is out]
+
+
+def stream_slots(paths: tuple[str, ...], calls: dict[str, list[_Recorded]]) -> list[StreamSlots]:
+    """Each block's stream slots from one recorded call of the chain ``paths`` (in chain order).
+
+    Block k's output slot and block k+1's input slot are where one tensor object passes between
+    them; the first block's input and the last block's output take the slot of their neighbour when
+    the call structure is the same. Raises :class:`ConversionError` if no single tensor passes.
+    """
+    records = [calls[p][0] if calls.get(p) else None for p in paths]
+    slots = [StreamSlots() for _ in paths]
+    for k in range(len(paths) - 1):
+        here, there = records[k], records[k + 1]
+        if here is None or there is None or here.out_leaves is None:
+            continue
+        pairs = _handover(here, there)
+        if len(pairs) != 1:
+            raise ConversionError(
+                f"cannot tell which argument of '{paths[k + 1]}' is the residual stream: "
+                f"{len(pairs)} floating-point tensors made by '{paths[k]}' pass to it (need exactly one)",
+                module=paths[k + 1])
+        out_slot, in_slot = pairs[0]
+        slots[k].outputs[here.out_spec] = out_slot
+        slots[k + 1].inputs[there.spec] = in_slot
+    if len(paths) > 1 and records[0] is not None and records[1] is not None and records[0].spec == records[1].spec:
+        slots[0].inputs.update(slots[1].inputs)
+    last, before_last = records[-1], records[-2] if len(paths) > 1 else None
+    if (last is not None and before_last is not None and last.out_spec is not None
+            and last.out_spec == before_last.out_spec):
+        slots[-1].outputs.update(slots[-2].outputs)
+    return slots

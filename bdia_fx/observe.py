@@ -1,0 +1,53 @@
+"""One interface for measuring what chain calls do (exactness, memory), off the training hot path.
+
+A :class:`ChainObserver` is attached to every chain of a converted model with :func:`observing`;
+a chain call whose forward starts while it is attached reports to it, backward included (also a
+backward run after the ``with`` block). With none attached the runtime calls nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from bdia_fx.calls import BlockCall
+    from bdia_fx.frame import ChainFrame
+    from bdia_fx.runtime import ChainRuntime
+
+
+class ChainObserver:
+    """Receives the events of chain calls; every method is a no-op unless overridden."""
+
+    def block_called(self, frame: "ChainFrame", index: int, call: "BlockCall") -> None:
+        """Block ``index`` of the chain starts a training call with these other arguments."""
+
+    def stream_codes(self, frame: "ChainFrame", k: int, codes: torch.Tensor, rebuilt: bool) -> None:
+        """The codes of x_k: made by the forward, or ``rebuilt`` by the backward's walk down."""
+
+    def forward_finished(self, frame: "ChainFrame") -> None:
+        """The chain's forward ran its last step."""
+
+
+def runtimes_of(model: nn.Module) -> list["ChainRuntime"]:
+    """The chain runtimes of a converted model (empty for any other model)."""
+    from bdia_fx.convert import converted_state
+
+    state = converted_state(model)
+    return list(state.runtimes.values()) if state is not None else []
+
+
+@contextlib.contextmanager
+def observing(model: nn.Module, observer: ChainObserver) -> Iterator[ChainObserver]:
+    """Attach ``observer`` to every chain of ``model`` for the chain calls started in the body."""
+    runtimes = runtimes_of(model)
+    for runtime in runtimes:
+        runtime.observers.append(observer)
+    try:
+        yield observer
+    finally:
+        for runtime in runtimes:
+            runtime.observers.remove(observer)
