@@ -30,6 +30,15 @@ def describe_leaf(value: Any, shapes: bool) -> Any:
     return value if isinstance(value, (int, float, bool, str, type(None))) else type(value).__name__
 
 
+def describe_call(args: tuple, kwargs: dict) -> str:
+    """A call for the log: ``(Tensor[2, 8] int64, labels=Tensor[2, 8] int64, use_cache=False)``."""
+    def one(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            return f"Tensor[{', '.join(str(s) for s in value.shape)}] {str(value.dtype).replace('torch.', '')}"
+        return repr(value) if isinstance(value, (int, float, bool, str, type(None))) else type(value).__name__
+    return "(" + ", ".join([one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()]) + ")"
+
+
 def first_float_leaf(leaves: list[Any]) -> int | None:
     """The fallback rule: the index of the first floating-point tensor leaf, or None."""
     return next((i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()),

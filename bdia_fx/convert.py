@@ -11,16 +11,20 @@ Each chain's blocks become proxies that hand their calls to one :class:`ChainRun
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
-from bdia_fx.calls import StreamSlots, describe_leaf, recording_block_calls, stream_slots
+from bdia_fx import hf
+from bdia_fx.calls import StreamSlots, describe_call, describe_leaf, recording_block_calls, stream_slots
 from bdia_fx.config import BDIAConfig
 from bdia_fx.errors import ConversionError
-from bdia_fx.module_tree import infer_batch_dim, install_proxy, original_class, shallow_clone
+from bdia_fx.module_tree import (boundary_suspended, capture_twin, infer_batch_dim, install_boundary, install_proxy,
+                                 original_class, shallow_clone)
 from bdia_fx.passes.capture import capture
 from bdia_fx.passes.chains import find_chains_in_graph
 from bdia_fx.passes.rewrite import rewrite_chains
@@ -29,6 +33,7 @@ from bdia_fx.report import ChainReport
 from bdia_fx.runtime import ChainRuntime, capture_mode, capturing
 
 _STATE_ATTR = "_bdia_state"
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -43,6 +48,8 @@ class ConvertedState:
     patterns: set = dataclasses.field(default_factory=set)
     hook_id: int | None = None  # the root forward pre-hook that plans and checks call patterns
     sublayer_ends: dict[str, list[list[str]]] = dataclasses.field(default_factory=dict)  # granularity="sublayer"
+    takes_use_cache: bool = False  # an HF-style forward(use_cache=...): training calls get use_cache=False
+    warned: set[str] = dataclasses.field(default_factory=set)  # the one-time warnings already logged
 
     def __getstate__(self) -> dict:
         """Pickled without the captured graphs and checked call patterns: a loaded model captures and
@@ -86,8 +93,11 @@ def find_chains(model: nn.Module, example_inputs: tuple | torch.Tensor = (),
     """
     _check_module(model)
     clone = shallow_clone(model)
+    kwargs = dict(example_kwargs or {})
+    if hf.takes_use_cache(model):  # captured as a training call: no cache (bdia_fx.hf)
+        kwargs = hf.without_cache(model, kwargs, warned={"use_cache"})
     with capture_mode():
-        ep = capture(clone, _as_args(example_inputs), example_kwargs)
+        ep = capture(clone, _as_args(example_inputs), kwargs)
     return find_chains_in_graph(ep, clone)
 
 
@@ -111,10 +121,10 @@ def convert(model: nn.Module, example_inputs: tuple | torch.Tensor = (), example
         raise TypeError(f"config must be a BDIAConfig, got {type(config).__name__}")
     example_inputs = _as_args(example_inputs)
     clone = shallow_clone(model)
-    state = ConvertedState(config)
+    state = ConvertedState(config, takes_use_cache=hf.takes_use_cache(model))
     clone.__dict__[_STATE_ATTR] = state
     if example_inputs or example_kwargs:
-        _plan(clone, state, example_inputs, dict(example_kwargs or {}))
+        _plan(clone, state, *_training_call(clone, state, example_inputs, dict(example_kwargs or {})))
     state.hook_id = clone.register_forward_pre_hook(_before_call, with_kwargs=True).id
     return clone
 
@@ -140,24 +150,46 @@ def _pattern_key(args: tuple, kwargs: dict) -> tuple:
     return spec, tuple(describe_leaf(leaf, shapes=False) for leaf in leaves)
 
 
-def _before_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    if capturing():
+def _training_call(model: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A training call's arguments under the Hugging Face conventions (:mod:`bdia_fx.hf`)."""
+    if state.takes_use_cache:
+        kwargs = hf.without_cache(model, kwargs, state.warned)
+    return args, kwargs
+
+
+@torch.compiler.disable  # captures and the HF conventions run eagerly under torch.compile
+def _before_call(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The converted model's root forward pre-hook: training calls follow the HF conventions, and a
+    new training call pattern is captured and checked before it runs (eval calls are never captured:
+    before the first training call a lazily converted model evaluates as the original)."""
+    if capturing() or not module.training:
         return None
     state = state_of(module)
-    if module.training and kwargs.get("use_cache") is True:
-        raise ConversionError(
-            "use_cache=True in training: a key/value cache keeps every block's activations, which a "
-            "reversible chain does not; call with use_cache=False", module="")
-    if not state.runtimes or (module.training and _pattern_key(args, kwargs) not in state.patterns):
+    args, kwargs = _training_call(module, state, args, kwargs)
+    if _pattern_key(args, kwargs) not in state.patterns:
         _plan(module, state, args, kwargs)
-    return None
+    _turn_off_hf_checkpointing(state)  # gradient_checkpointing_enable() may have run after convert
+    return args, kwargs
+
+
+def _turn_off_hf_checkpointing(state: ConvertedState) -> None:
+    hf.turn_off_gradient_checkpointing([(path, block) for runtime in state.runtimes.values()
+                                        for path, block in zip(runtime.block_paths, runtime.blocks)], state.warned)
 
 
 def _plan(model: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) -> None:
     """Capture this call pattern, check its chains, and install runtimes on first use."""
-    with capture_mode(), recording_block_calls(model) as calls:
-        ep = capture(model, args, kwargs)
+    start = time.perf_counter()
+    twin = capture_twin(model)  # FSDP2-sharded parameters: capture a meta twin
+    captured_model = twin if twin is not None else model
+    if twin is not None:
+        args, kwargs = tree_map(lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v, (args, kwargs))
+    with capture_mode(), boundary_suspended(captured_model), recording_block_calls(captured_model) as calls:
+        ep = capture(captured_model, args, kwargs)
     report = find_chains_in_graph(ep, model)
+    logger.info("%s: captured the training call %s in %.2f s: %s", type(model).__name__, describe_call(args, kwargs),
+                time.perf_counter() - start, ", ".join(f"chain '{c.container}' of {len(c.blocks)} blocks"
+                                                       for c in report.chains) or "no chain")
     _refuse_if_unconvertible(report)
     if state.config.granularity == "sublayer":
         state.sublayer_ends = check_sublayers(ep, report)  # refuses blocks that cannot be cut at their adds
@@ -174,6 +206,7 @@ def _plan(model: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) ->
             )
             for index, block in enumerate(blocks):
                 install_proxy(block, runtime, index)
+            install_boundary(modules[chain.container.rpartition(".")[0]])  # the module looping over the blocks
             state.runtimes[chain.container] = runtime
     else:
         found = {c.container: c.block_paths for c in report.chains}
@@ -191,14 +224,19 @@ def _plan(model: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) ->
         state.report = report
         state.graph = rewrite_chains(ep, model, report, state.config)
         state.captured = ep.graph_module
+    _turn_off_hf_checkpointing(state)
     state.patterns.add(_pattern_key(args, kwargs))
 
 
 def _plan_sublayers(block: nn.Module, original: type, leaves: list, spec: Any, stream_index: int,
                     slots: StreamSlots, where: str) -> tuple:
     """The sublayer pass on one block call (runs the block's original forward under capture)."""
+    start = time.perf_counter()
     with capture_mode():
-        return plan_block_call(block, original, leaves, spec, stream_index, slots.output_slot, where)
+        plan = plan_block_call(block, original, leaves, spec, stream_index, slots.output_slot, where)
+    logger.info("%s: exported for its sublayer steps, stream %s, in %.2f s", where,
+                describe_call((leaves[stream_index],), {}), time.perf_counter() - start)
+    return plan
 
 
 def _refuse_if_unconvertible(report: ChainReport) -> None:

@@ -58,8 +58,11 @@ class GammaDraw:
     Step k's signs come from a generator on the stream's device seeded with ``seed + k``, and are
     drawn again whenever a step needs them (forward, and again in backward), so a chain keeps 8
     bytes for γ, nothing per block, and no host-to-device copy happens. The seed is drawn from
-    torch's global (CPU) generator: ``torch.manual_seed`` reproduces. The signs of one seed differ
-    between device types, as dropout masks do.
+    torch's global (CPU) generator, and under ``torch.distributed`` offset by rank × 0x9E3779B9
+    (the CPU generator reads the low 32 bits of a seed; this spreads ranks over them, far from the
+    step offsets k), so that every rank of DDP or FSDP draws its own γ from the same global seed:
+    ``torch.manual_seed`` reproduces. The signs of one seed differ between device types, as
+    dropout masks do.
     """
 
     def __init__(self, gammas: tuple[float, ...], x: torch.Tensor, batch_dim: int):
@@ -67,7 +70,7 @@ class GammaDraw:
         self.device, self.dtype = x.device, x.dtype
         self.batch = x.shape[batch_dim]
         self.shape = [self.batch if d == batch_dim else 1 for d in range(x.dim())]
-        self.seed = int(torch.randint(2**62, ())) if len(self.signs) > 1 else 0
+        self.seed = (int(torch.randint(2**62, ())) + _rank() * _RANK_STRIDE) % 2**62 if len(self.signs) > 1 else 0
         self._drawn: dict[int, torch.Tensor] = {}
 
     def sign(self, k: int) -> torch.Tensor:
@@ -89,6 +92,14 @@ class GammaDraw:
 
     def release(self, k: int) -> None:
         self._drawn.pop(k, None)
+
+
+_RANK_STRIDE = 0x9E3779B9  # odd, 2^32 / golden ratio: ranks land far apart in a seed's low 32 bits
+
+
+def _rank() -> int:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_rank() if distributed else 0
 
 
 @dataclass

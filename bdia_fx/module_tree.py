@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any
+import inspect
+from typing import Any, Iterator
 
+import torch
 from torch import nn
 
 _HOOK_DICTS = (
@@ -15,27 +18,75 @@ _HOOK_DICTS = (
 )
 
 
-def shallow_clone(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
+def shallow_clone(module: nn.Module, memo: dict[int, nn.Module] | None = None, shared_tables: bool = False) -> nn.Module:
     """A new module tree with the same classes, attributes, parameters and buffers (shared objects).
 
     Every module object is new, so swapping classes, modes or hooks on the copy leaves the
     original untouched, while ``Parameter`` and buffer objects are the very same (tied weights
-    stay tied, an optimizer over either trains both).
+    stay tied, an optimizer over either trains both). A module managed by a composable API (FSDP2's
+    ``fully_shard``) keeps *sharing* its parameter and buffer tables with the original, since FSDP
+    swaps sharded and unsharded tensors in them, and its copy is registered with the same state.
     """
     memo = {} if memo is None else memo
     if id(module) in memo:
         return memo[id(module)]
-    clone = copy.copy(module)
+    composable = _composable_state(module)
+    shared_tables = shared_tables or composable is not None
+    clone = object.__new__(type(module))  # not copy.copy: FSDPModule.__new__ would rebuild the original class
+    clone.__dict__.update(module.__dict__)
+    if isinstance(module.__dict__.get("forward"), CompileBoundary):
+        clone.__dict__["forward"] = CompileBoundary(clone)
     memo[id(module)] = clone
-    clone._parameters = dict(module._parameters)
-    clone._buffers = dict(module._buffers)
+    if not shared_tables:
+        clone._parameters = dict(module._parameters)
+        clone._buffers = dict(module._buffers)
     clone._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
     for name in _HOOK_DICTS:
         if name in module.__dict__:
             clone.__dict__[name] = copy.copy(module.__dict__[name])
-    clone._modules = {name: (shallow_clone(child, memo) if child is not None else None)
+    clone._modules = {name: (shallow_clone(child, memo, shared_tables) if child is not None else None)
                       for name, child in module._modules.items()}
+    if composable is not None:
+        from torch.distributed._composable_state import _insert_module_state
+
+        _insert_module_state(clone, composable)
     return clone
+
+
+def _composable_state(module: nn.Module) -> Any:
+    """The state of the composable API (FSDP2 ``fully_shard``, ``replicate``) managing ``module``, if any."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed._composable_state import _get_module_state
+
+    return _get_module_state(module)
+
+
+def capture_twin(model: nn.Module) -> nn.Module | None:
+    """For a model with DTensor parameters (FSDP2-sharded), which ``torch.export`` cannot capture: a
+    structural copy with every parameter and buffer a meta tensor of its full shape and without the
+    composable API's hooks, for graph analysis only. None for any other model."""
+    from torch.distributed.tensor import DTensor
+
+    if not torch.distributed.is_available() or not any(isinstance(t, DTensor) for t in model.parameters()):
+        return None
+    from torch.distributed._composable_state import _State
+
+    twin = shallow_clone(model)
+    for module in twin.modules():
+        for table in ("_parameters", "_buffers"):
+            setattr(module, table, {name: None if t is None else _meta_like(t) for name, t in getattr(module, table).items()})
+        for name in _HOOK_DICTS:
+            hooks = module.__dict__.get(name)
+            if hooks:
+                for key in [k for k, hook in hooks.items() if isinstance(getattr(hook, "__self__", None), _State)]:
+                    del hooks[key]
+    return twin
+
+
+def _meta_like(t: torch.Tensor) -> torch.Tensor:
+    meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
+    return nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
 
 
 _PROXY_CLASSES: dict[tuple[type, str], type] = {}
@@ -95,6 +146,50 @@ def install_proxy(block: nn.Module, runtime: Any, index: int) -> None:
     block.__class__ = proxy_class(original_class(block))
     block._bdia_runtime = runtime
     block._bdia_index = index
+
+
+class CompileBoundary:
+    """The ``forward`` of the module whose code calls a chain's blocks, run outside ``torch.compile``.
+
+    A chain runs eagerly (its frame, checkpointing and integer state are Python-driven); made a
+    boundary at the module that loops over the blocks, a compiled model graph-breaks once there
+    instead of once per block, so the count does not grow with depth, and γ is drawn as in eager.
+    Installed as an instance attribute, so the module keeps its class; it pickles.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    @torch.compiler.disable
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(type(self.module).forward.__get__(self.module))
+
+
+def install_boundary(module: nn.Module) -> None:
+    """Make ``module``'s forward a :class:`CompileBoundary` (idempotent)."""
+    if not isinstance(module.__dict__.get("forward"), CompileBoundary):
+        module.__dict__["forward"] = CompileBoundary(module)
+
+
+def remove_boundary(module: nn.Module) -> None:
+    if isinstance(module.__dict__.get("forward"), CompileBoundary):
+        del module.__dict__["forward"]
+
+
+@contextlib.contextmanager
+def boundary_suspended(module: nn.Module) -> Iterator[None]:
+    """``module`` without its :class:`CompileBoundary` while the body runs (``torch.export`` of a
+    module reads its ``forward`` as a function)."""
+    boundary = module.__dict__.pop("forward", None) if isinstance(module.__dict__.get("forward"), CompileBoundary) else None
+    try:
+        yield
+    finally:
+        if boundary is not None:
+            module.__dict__["forward"] = boundary
 
 
 def install_gamma0_proxy(block: nn.Module, index: int, frac_bits: int, path: str, slots: Any) -> None:

@@ -9,7 +9,7 @@ from torch import fx, nn
 
 from bdia_fx.convert import detach_state, state_of
 from bdia_fx.errors import ConversionError
-from bdia_fx.module_tree import install_gamma0_proxy, remove_proxy, shallow_clone
+from bdia_fx.module_tree import install_gamma0_proxy, remove_boundary, remove_proxy, shallow_clone
 from bdia_fx.passes.revert import revert_chains, reverted_blocks
 
 
@@ -52,6 +52,8 @@ def revert(model: nn.Module, quantize: bool = False) -> nn.Module:
                               f"model's converted blocks {sorted(proxied)}", module="")
     detach_state(clone)
     modules = dict(clone.named_modules())
+    for runtime in state.runtimes.values():
+        remove_boundary(modules[runtime.container.rpartition(".")[0]])
     for path, (runtime, index) in proxied.items():
         remove_proxy(modules[path])
         if quantize:

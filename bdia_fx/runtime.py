@@ -271,16 +271,15 @@ class ChainRuntime:
             raise ConversionError(
                 f"block {index} of chain '{self.container}' ran out of order (block {expected} was due): the "
                 "blocks of a chain must run in order, each once per call", module=where)
-        if x is not frame.out:
+        if not _same_stream(x, frame.out):
             hooks = _hooks_between(self.blocks[index - 1], before, self.blocks[index], where)
             raise ConversionError(
                 f"block {index} of chain '{self.container}' got a stream that is not block {index - 1}'s output: "
                 f"something between '{before}' and '{where}' replaced it ({hooks or 'no hook is registered there'}; "
-                "else the parent's code or a wrapper around the block, such as gradient checkpointing). A chain "
-                "keeps its own exact copy of the stream, so nothing may change it between blocks; a change made "
-                "inside a block (a hook on one of its submodules) is part of the block and is replayed exactly",
-                module=where)
-        if version_of(x) != frame.out_version:
+                "else the parent's code or a wrapper around the block). A chain keeps its own exact copy of the "
+                "stream, so nothing may change it between blocks; a change made inside a block (a hook on one of "
+                "its submodules) is part of the block and is replayed exactly", module=where)
+        if version_of(frame.out) != frame.out_version:
             hooks = _hooks_between(self.blocks[index - 1], before, self.blocks[index], where)
             raise ConversionError(
                 f"the stream between '{before}' and '{where}' was modified in place "
@@ -357,6 +356,18 @@ class ChainRuntime:
         frame.gammas.release(k)  # drawn again in backward
         frame.prev, frame.stream = x, None
         return out
+
+
+def _same_stream(x: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether block k+1's stream ``x`` is block k's output ``out``: the object itself, or an alias of
+    it with the same geometry (FSDP2 passes block inputs through an identity autograd Function)."""
+    while x is not out:
+        base = x._base
+        if base is None or x.shape != base.shape or x.stride() != base.stride() or \
+                x.storage_offset() != base.storage_offset():
+            return False
+        x = base
+    return True
 
 
 def _hooks_between(before: nn.Module, before_path: str, block: nn.Module, path: str) -> str:

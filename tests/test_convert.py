@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import logging
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -130,11 +134,6 @@ def test_refuses_output_hidden_states_at_convert_and_call_time():
         assert len(conv(ids, output_hidden_states=True).hidden_states) == 4
 
 
-def test_refuses_use_cache_in_training():
-    conv = bdia_fx.convert(gpt2(3), (torch.randint(0, 64, (2, 8)),), {"use_cache": False})
-    conv.train()
-    with pytest.raises(ConversionError, match="use_cache=True in training"):
-        conv(torch.randint(0, 64, (2, 8)), use_cache=True)
 
 
 def test_refuses_non_modules_and_double_conversion():
@@ -241,3 +240,34 @@ def test_a_converted_model_pickles_and_trains_on_after_loading(tmp_path, granula
         assert bdia_fx.check_exactness(loaded, (ids,)).exact
         reverted = bdia_fx.revert(loaded)
         assert type(reverted.blocks[0]) is PreLNBlock
+
+
+def test_captures_are_logged_at_info(caplog):
+    ids = torch.randint(0, 64, (2, 8))
+    with caplog.at_level(logging.INFO, logger="bdia_fx"):
+        conv = bdia_fx.convert(gpt2(3), (ids,), {"use_cache": False}, BDIAConfig(granularity="sublayer")).train()
+        conv(ids, use_cache=False)  # the same call pattern: no new capture
+        conv(torch.randint(0, 64, (3, 5)), labels=torch.randint(0, 64, (3, 5)), use_cache=False)  # a new one
+    captures = [r.getMessage() for r in caplog.records if "captured the training call" in r.getMessage()]
+    assert len(captures) == 2
+    assert re.search(r"GPT2LMHeadModel: captured the training call \(Tensor\[2, 8\] int64, use_cache=False\) in "
+                     r"\d+\.\d\d s: chain 'transformer\.h' of 3 blocks", captures[0])
+    assert "labels=Tensor[3, 5] int64" in captures[1]
+    assert any(re.search(r"transformer\.h\.0: exported for its sublayer steps, stream \(Tensor\[3, 5, 32\] float32\)",
+                         r.getMessage()) for r in caplog.records)
+
+
+def test_by_default_only_warnings_are_printed_once():
+    """No logging set up (a plain script): the capture info stays silent, the use_cache warning shows once."""
+    script = ("import torch, bdia_fx\n"
+              "from transformers import GPT2Config, GPT2LMHeadModel\n"
+              "model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=64, "
+              "bos_token_id=0, eos_token_id=0))\n"
+              "ids = torch.randint(0, 64, (2, 8))\n"
+              "conv = bdia_fx.convert(model, (ids,)).train()\n"
+              "for _ in range(2):\n"
+              "    conv(ids, labels=ids).loss.backward()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("use_cache=True is incompatible with reversible BDIA training") == 1
+    assert "captured the training call" not in done.stderr + done.stdout
