@@ -1,17 +1,61 @@
-"""bdia_fx: turn a transformer's residual chains into exact reversible BDIA training chains."""
+"""bdia_fx: turn a transformer's residual chains into exact reversible BDIA training chains.
 
-from bdia_fx.config import BDIAConfig
-from bdia_fx.convert import convert, find_chains
-from bdia_fx.exactness import ExactnessReport, check_exactness
-from bdia_fx.export import OnnxCheck, OnnxExport, export_onnx, verify_onnx
-from bdia_fx.errors import ConversionError, ExportError, FixedPointRangeError, ReversibilityError
-from bdia_fx.frame import is_recomputing
-from bdia_fx.report import ChainReport
-from bdia_fx.revert import graph_of, revert
+The names below load their module on first use, so that importing a part of the package (e.g.
+the graph passes, ``bdia_fx.passes``) does not import the rest of it (the chain runtime).
+"""
 
-__all__ = [
-    "BDIAConfig", "ChainReport", "ConversionError", "ExactnessReport", "ExportError", "FixedPointRangeError",
-    "OnnxCheck", "OnnxExport", "ReversibilityError",
-    "check_exactness", "convert", "export_onnx", "find_chains", "graph_of", "is_recomputing", "revert", "verify_onnx",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "BDIAConfig": "bdia_fx.config",
+    "ChainReport": "bdia_fx.report",
+    "ConversionError": "bdia_fx.errors",
+    "ExportError": "bdia_fx.errors",
+    "FixedPointRangeError": "bdia_fx.errors",
+    "ReversibilityError": "bdia_fx.errors",
+    "ExactnessReport": "bdia_fx.exactness",
+    "check_exactness": "bdia_fx.exactness",
+    "convert": "bdia_fx.conversion",
+    "find_chains": "bdia_fx.conversion",
+    "is_converted": "bdia_fx.conversion",
+    "report_of": "bdia_fx.conversion",
+    "OnnxCheck": "bdia_fx.export",
+    "OnnxExport": "bdia_fx.export",
+    "export_onnx": "bdia_fx.export",
+    "verify_onnx": "bdia_fx.export",
+    "is_recomputing": "bdia_fx.frame",
+    "estimate_saved_bytes": "bdia_fx.memory",
+    "saved_activation_bytes": "bdia_fx.memory",
+    "graph_of": "bdia_fx.reversal",
+    "revert": "bdia_fx.reversal",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'bdia_fx' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from bdia_fx.config import BDIAConfig
+    from bdia_fx.conversion import convert, find_chains, is_converted, report_of
+    from bdia_fx.errors import ConversionError, ExportError, FixedPointRangeError, ReversibilityError
+    from bdia_fx.exactness import ExactnessReport, check_exactness
+    from bdia_fx.export import OnnxCheck, OnnxExport, export_onnx, verify_onnx
+    from bdia_fx.frame import is_recomputing
+    from bdia_fx.memory import estimate_saved_bytes, saved_activation_bytes
+    from bdia_fx.report import ChainReport
+    from bdia_fx.reversal import graph_of, revert

@@ -11,13 +11,21 @@ seen (a block called directly, outside a planned model call) falls back to the r
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import (TreeSpec, keystr, tree_flatten, tree_flatten_with_path, tree_unflatten, treespec_dumps,
-                                 treespec_loads)
+from torch.utils._pytree import (
+    TreeSpec,
+    keystr,
+    tree_flatten,
+    tree_flatten_with_path,
+    tree_unflatten,
+    treespec_dumps,
+    treespec_loads,
+)
 
 from bdia_fx.errors import ConversionError
 
@@ -60,7 +68,7 @@ class StreamSlots:
         slot = self.outputs.get(spec)
         return slot if slot is not None else first_float_leaf(leaves)
 
-    def merge(self, other: "StreamSlots") -> None:
+    def merge(self, other: StreamSlots) -> None:
         self.inputs.update(other.inputs)
         self.outputs.update(other.outputs)
 

@@ -10,15 +10,16 @@ from pathlib import Path
 
 from torch import fx, nn
 
-from bdia_fx.convert import state_of
+from bdia_fx.conversion import state_of
 from bdia_fx.errors import ConversionError
 from bdia_fx.passes import BLOCK_META_KEY, CHAIN_META_KEY, QUANT_META_KEY, REVERT_META_KEY
-from bdia_fx.revert import graph_of, revert
+from bdia_fx.reversal import graph_of, revert
 
 CHAIN_COLOUR = "#f4a261"     # the BDIA chain node
 QUANT_COLOUR = "#e9c46a"     # quantization nodes
 BLOCK_COLOURS = ("#8ecae6", "#bde0fe")  # blocks, alternating so neighbours stay apart
 OTHER_COLOUR = "#f2f2f2"     # everything the pass did not touch
+SIDE_COLOUR = "#d9d9d9"      # the collapsed construction of side inputs (masks, position tables)
 
 
 def draw_conversion(model: nn.Module, folder: str | Path, expand: bool = False) -> list[Path]:
@@ -58,11 +59,11 @@ def _require_graphviz():
 def _dot(gm: fx.GraphModule, name: str, pydot):
     from torch.fx.passes.graph_drawer import FxGraphDrawer
 
-    pruned = fx.GraphModule(gm, _without_unused_inputs(gm.graph))
+    pruned = fx.GraphModule(gm, _side_inputs_collapsed(_without_unused_inputs(gm.graph)))
     dot = FxGraphDrawer(pruned, name, ignore_getattr=True, ignore_parameters_and_buffers=True).get_main_dot_graph()
     dot.set_rankdir("TB")
     for node in pruned.graph.nodes:
-        colour = _highlight(node) or OTHER_COLOUR
+        colour = _highlight(node) or (SIDE_COLOUR if node.target is side_input_construction else OTHER_COLOUR)
         for drawn in dot.get_node(node.name) or dot.get_node(f'"{node.name}"'):
             drawn.set_fillcolor(colour)
             drawn.set_style("filled")
@@ -79,6 +80,49 @@ def _highlight(node: fx.Node) -> str | None:
         return QUANT_COLOUR
     mark = node.meta.get(BLOCK_META_KEY) or node.meta.get(REVERT_META_KEY)
     return BLOCK_COLOURS[mark[1] % 2] if mark is not None else None
+
+
+def side_input_construction(*inputs):
+    """Stands in, in pictures, for the nodes that only build the chains' side inputs (never called)."""
+    raise RuntimeError("a drawing placeholder")
+
+
+def _side_inputs_collapsed(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` in which the operations that only build the side inputs of chain or block
+    nodes (mask construction, position tables) are one ``side_input_construction`` node."""
+    def chain_or_block(node: fx.Node) -> bool:
+        return CHAIN_META_KEY in node.meta or node.meta.get(REVERT_META_KEY, (None, None))[1] is not None
+
+    carried: set[fx.Node] = set()  # what the output needs other than through chain/block side inputs
+    stack = [n for n in graph.nodes if n.op == "output"]
+    while stack:
+        node = stack.pop()
+        if node in carried:
+            continue
+        carried.add(node)
+        stack.extend(node.args[:1] if chain_or_block(node) else node.all_input_nodes)
+    builders = {n for n in graph.nodes if n.op == "call_function" and n not in carried}
+    if len(builders) < 2:
+        return graph
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    sources = list(dict.fromkeys(a for n in graph.nodes if n in builders
+                                 for a in n.all_input_nodes if a not in builders))
+    ready = max((order[a] for a in sources), default=-1)  # the one node goes after its last input ...
+    needed = min((order[u] for n in builders for u in n.users if u not in builders),
+                 default=len(order))  # ... first use
+    if ready >= needed:
+        return graph
+    copy = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    collapsed = None
+    for node in graph.nodes:
+        if collapsed is None and order[node] > ready and node not in builders:
+            collapsed = copy.call_function(side_input_construction, tuple(env[a] for a in sources))
+            collapsed.name = f"side_inputs_{len(builders)}_ops"
+        if node in builders:
+            continue
+        env[node] = copy.node_copy(node, lambda n, _collapsed=collapsed: env[n] if n not in builders else _collapsed)
+    return copy
 
 
 def _without_unused_inputs(graph: fx.Graph) -> fx.Graph:

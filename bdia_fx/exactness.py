@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
-from bdia_fx.convert import state_of
+
+from bdia_fx.conversion import state_of
 from bdia_fx.errors import ReversibilityError
 from bdia_fx.frame import ChainFrame
 from bdia_fx.memory import default_loss
@@ -34,7 +36,8 @@ class ExactnessReport:
         return all(b.mismatched == 0 for b in self.blocks)
 
     def __str__(self) -> str:
-        lines = [f"exactness: {'bit-exact' if self.exact else 'NOT exact'} over {len(self.blocks)} rebuilt block inputs"]
+        lines = [f"exactness: {'bit-exact' if self.exact else 'NOT exact'} "
+                 f"over {len(self.blocks)} rebuilt block inputs"]
         lines += [f"  {b.block}: {b.mismatched} of {b.elements} codes differ (max |error| {b.max_code_error})"
                   for b in self.blocks if b.mismatched]
         return "\n".join(lines)

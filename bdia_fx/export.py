@@ -13,17 +13,18 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from bdia_fx.convert import is_converted
+from bdia_fx.conversion import is_converted
 from bdia_fx.errors import ExportError
 from bdia_fx.module_tree import infer_batch_dim, is_gamma0_proxy, remove_proxy, shallow_clone
-from bdia_fx.revert import revert, reverted_info
+from bdia_fx.reversal import revert, reverted_info
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +37,11 @@ class OnnxExport:
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     dynamic_axes: dict[str, dict[int, str]]
-    check: "OnnxCheck | None"  # onnxruntime vs PyTorch on the example inputs (None: not verified)
+    check: OnnxCheck | None  # onnxruntime vs PyTorch on the example inputs (None: not verified)
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: tuple = (), example_kwargs: dict | None = None,
+def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: tuple = (),
+                example_kwargs: dict | None = None,
                 quantize: bool = False, dynamic_batch: bool = True, dynamic_seq: bool = True, verify: bool = True,
                 atol: float = 1e-4, rtol: float = 1e-4, max_mismatch: float = 0.0) -> OnnxExport:
     """Export the γ = 0 graph of a converted (or reverted) ``model`` to the ONNX file ``path``.
@@ -82,8 +84,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: tuple
                     exported, args, kwargs=kwargs, dynamo=True, verbose=False,
                     dynamic_shapes=_dynamic_shapes(argument_names, axes) if axes else None)
             except Exception as error:  # the exporter's own errors are long; keep the first line visible
-                raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: "
-                                  f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}") from error
+                raise ExportError(
+                    f"torch.onnx.export failed for {type(model).__name__}: "
+                    f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}") from error
             program.save(tmp, external_data=False)
         seconds = time.perf_counter() - start
         try:
@@ -117,7 +120,8 @@ class OnnxCheck:
         return self.mismatched / max(self.total, 1)
 
 
-def verify_onnx(path: str | os.PathLike, model: nn.Module, example_inputs: tuple = (), example_kwargs: dict | None = None,
+def verify_onnx(path: str | os.PathLike, model: nn.Module, example_inputs: tuple = (),
+                example_kwargs: dict | None = None,
                 atol: float = 1e-4, rtol: float = 1e-4, max_mismatch: float = 0.0) -> OnnxCheck:
     """Run the ONNX file in onnxruntime and ``model`` (eval, no grad) on the same inputs; compare.
 
@@ -135,7 +139,8 @@ def verify_onnx(path: str | os.PathLike, model: nn.Module, example_inputs: tuple
     for i, (ref, out) in enumerate(zip(expected, got)):
         out = torch.from_numpy(out)
         if out.shape != ref.shape:
-            raise ExportError(f"{path}: output {i} has shape {tuple(out.shape)} in onnxruntime, {tuple(ref.shape)} in PyTorch")
+            raise ExportError(f"{path}: output {i} has shape {tuple(out.shape)} in onnxruntime, "
+                              f"{tuple(ref.shape)} in PyTorch")
         if not ref.is_floating_point():
             if not torch.equal(out.to(ref.dtype), ref):
                 raise ExportError(f"{path}: integer output {i} differs between onnxruntime and PyTorch")
@@ -148,11 +153,13 @@ def verify_onnx(path: str | os.PathLike, model: nn.Module, example_inputs: tuple
     check = OnnxCheck(worst, mismatched, total)
     if check.mismatch_fraction > max_mismatch or worst != worst:
         raise ExportError(f"{path}: onnxruntime and PyTorch disagree: max abs diff {worst:.3g}, {mismatched} of "
-                          f"{total} elements beyond {atol:g} + {rtol:g}·|reference| (allowed fraction {max_mismatch:g})")
+                          f"{total} elements beyond {atol:g} + {rtol:g}·|reference| "
+                          f"(allowed fraction {max_mismatch:g})")
     return check
 
 
-def run_onnx(path: str | os.PathLike, model: nn.Module, example_inputs: tuple = (), example_kwargs: dict | None = None) -> list:
+def run_onnx(path: str | os.PathLike, model: nn.Module, example_inputs: tuple = (),
+             example_kwargs: dict | None = None) -> list:
     """Run an exported file in onnxruntime, feeding the tensor arguments of ``model``'s call by name."""
     _import_onnx()
     import onnxruntime
@@ -223,7 +230,8 @@ def _bind(model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict[str, torch.
             named.update({k: v for k, v in value.items() if isinstance(v, torch.Tensor)})
         elif kind == inspect.Parameter.VAR_POSITIONAL:
             if any(isinstance(v, torch.Tensor) for v in value):
-                raise ExportError(f"{type(model).__name__}.forward takes *{name}; tensor inputs need names to be exported")
+                raise ExportError(f"{type(model).__name__}.forward takes *{name}; "
+                                  "tensor inputs need names to be exported")
         elif isinstance(value, torch.Tensor):
             named[name] = value
         elif any(isinstance(v, torch.Tensor) for v in tree_flatten(value)[0]):
@@ -232,7 +240,8 @@ def _bind(model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict[str, torch.
     return named, list(bound.arguments)
 
 
-def _dynamic_axes(model: nn.Module, named: dict[str, torch.Tensor], batch: bool, seq: bool) -> dict[str, dict[int, str]]:
+def _dynamic_axes(model: nn.Module, named: dict[str, torch.Tensor], batch: bool,
+                  seq: bool) -> dict[str, dict[int, str]]:
     """Which axis of which input is 'batch' / 'seq', found from the first tensor input's layout."""
     if not named or not (batch or seq):
         return {}

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -164,7 +165,7 @@ class ChainFrame:
     """One training call of a chain (see the note at the top of this module)."""
 
     def __init__(self, container: str, x: torch.Tensor, config, batch_dim: int,
-                 observers: tuple["ChainObserver", ...]):
+                 observers: tuple[ChainObserver, ...]):
         self.container = container
         self.frac_bits = config.frac_bits
         self.dtype = x.dtype

@@ -24,7 +24,7 @@ would keep the previous call's activations alive.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ def _plain_state(module: nn.Module) -> dict[str, object]:
 
 
 def record_step(block: nn.Module, path: str, side_inputs: list[tuple[int, torch.Tensor]],
-                name_of: Callable[[int], str]) -> "StepState":
+                name_of: Callable[[int], str]) -> StepState:
     """What the recompute of a step of ``block`` will read, as it is now (before the step runs);
     ``side_inputs`` are the call's other tensors by argument leaf, named by ``name_of``."""
     modules = list(block.named_modules(remove_duplicate=False))

@@ -55,7 +55,7 @@ def turn_off_gradient_checkpointing(blocks: list[tuple[str, nn.Module]], warned:
     turned = [path for path, block in blocks if getattr(block, "gradient_checkpointing", False)]
     if not turned:
         return
-    for path, block in blocks:
+    for _path, block in blocks:
         if getattr(block, "gradient_checkpointing", False):
             block.gradient_checkpointing = False
     if "gradient_checkpointing" not in warned:

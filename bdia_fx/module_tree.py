@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,7 +19,8 @@ _HOOK_DICTS = (
 )
 
 
-def shallow_clone(module: nn.Module, memo: dict[int, nn.Module] | None = None, shared_tables: bool = False) -> nn.Module:
+def shallow_clone(module: nn.Module, memo: dict[int, nn.Module] | None = None,
+                  shared_tables: bool = False) -> nn.Module:
     """A new module tree with the same classes, attributes, parameters and buffers (shared objects).
 
     Every module object is new, so swapping classes, modes or hooks on the copy leaves the
@@ -75,7 +77,8 @@ def capture_twin(model: nn.Module) -> nn.Module | None:
     twin = shallow_clone(model)
     for module in twin.modules():
         for table in ("_parameters", "_buffers"):
-            setattr(module, table, {name: None if t is None else _meta_like(t) for name, t in getattr(module, table).items()})
+            setattr(module, table, {name: None if t is None else _meta_like(t)
+                                    for name, t in getattr(module, table).items()})
         for name in _HOOK_DICTS:
             hooks = module.__dict__.get(name)
             if hooks:
@@ -184,7 +187,8 @@ def remove_boundary(module: nn.Module) -> None:
 def boundary_suspended(module: nn.Module) -> Iterator[None]:
     """``module`` without its :class:`CompileBoundary` while the body runs (``torch.export`` of a
     module reads its ``forward`` as a function)."""
-    boundary = module.__dict__.pop("forward", None) if isinstance(module.__dict__.get("forward"), CompileBoundary) else None
+    boundary = (module.__dict__.pop("forward", None)
+                if isinstance(module.__dict__.get("forward"), CompileBoundary) else None)
     try:
         yield
     finally:

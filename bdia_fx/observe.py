@@ -8,7 +8,8 @@ backward run after the ``with`` block). With none attached the runtime calls not
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,19 +23,19 @@ if TYPE_CHECKING:
 class ChainObserver:
     """Receives the events of chain calls; every method is a no-op unless overridden."""
 
-    def block_called(self, frame: "ChainFrame", index: int, call: "BlockCall") -> None:
+    def block_called(self, frame: ChainFrame, index: int, call: BlockCall) -> None:
         """Block ``index`` of the chain starts a training call with these other arguments."""
 
-    def stream_codes(self, frame: "ChainFrame", k: int, codes: torch.Tensor, rebuilt: bool) -> None:
+    def stream_codes(self, frame: ChainFrame, k: int, codes: torch.Tensor, rebuilt: bool) -> None:
         """The codes of x_k: made by the forward, or ``rebuilt`` by the backward's walk down."""
 
-    def forward_finished(self, frame: "ChainFrame") -> None:
+    def forward_finished(self, frame: ChainFrame) -> None:
         """The chain's forward ran its last step."""
 
 
-def runtimes_of(model: nn.Module) -> list["ChainRuntime"]:
+def runtimes_of(model: nn.Module) -> list[ChainRuntime]:
     """The chain runtimes of a converted model (empty for any other model)."""
-    from bdia_fx.convert import converted_state
+    from bdia_fx.conversion import converted_state
 
     state = converted_state(model)
     return list(state.runtimes.values()) if state is not None else []

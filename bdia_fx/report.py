@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from torch import fx
+
 
 @dataclass(frozen=True)
 class SideInput:
@@ -17,6 +19,19 @@ class SideInput:
         shape = "x".join(str(s) for s in self.shape) if self.shape is not None else "?"
         return f"{self.node}[{shape}]"
 
+    def kind(self, stream: tuple[int, ...] | None) -> str:
+        """What the value looks like next to the stream's shape (batch, tokens, width): a guess for reading."""
+        if self.shape is None or stream is None or len(stream) < 2:
+            return "side input"
+        tokens, width = stream[-2], stream[-1]
+        if self.dtype == "bool" or (len(self.shape) == 4 and self.shape[-1] == tokens):
+            return "attention mask"
+        if len(self.shape) >= 2 and self.shape[-1] == width:
+            return "encoder memory" if self.shape[-2] != tokens else "stream-shaped state"
+        if len(self.shape) >= 2 and self.shape[-2] == tokens:
+            return "position table"
+        return "side input"
+
 
 @dataclass(frozen=True)
 class BlockInfo:
@@ -28,6 +43,8 @@ class BlockInfo:
     side_inputs: tuple[SideInput, ...]
     random: bool
     n_nodes: int
+    stream_shape: tuple[int, ...] | None = None
+    step_ends: tuple[str, ...] = ()  # granularity="sublayer": the residual add ending each step
 
 
 @dataclass(frozen=True)
@@ -78,7 +95,8 @@ class ChainReport:
             rows = [("block", "stream in -> out", "side inputs", "random", "nodes")]
             for b in chain.blocks:
                 sides = ", ".join(str(s) for s in b.side_inputs) or "-"
-                rows.append((b.path, f"{b.stream_in} -> {b.stream_out}", sides, "yes" if b.random else "no", str(b.n_nodes)))
+                rows.append((b.path, f"{b.stream_in} -> {b.stream_out}", sides, "yes" if b.random else "no",
+                             str(b.n_nodes)))
             lines.extend("    " + line for line in _table(rows))
         if self.rejections:
             lines.append("  rejected:")
@@ -96,3 +114,42 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
     out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     out.insert(1, "  ".join("-" * w for w in widths))
     return out
+
+
+def graph_summary(report: ChainReport, captured: fx.Graph, rewritten: fx.Graph) -> str:
+    """A readable account of the rewrite: node counts, each chain node, its blocks, steps and side
+    inputs named by what they look like (the full graphs print with ``print(graph)``)."""
+    chains = {c.container: c for c in report.chains}
+    lines = [f"rewritten graph of {report.model}: {_ops(captured)} captured operations, {_ops(rewritten)} after the "
+             "rewrite"]
+    inputs = [n for n in rewritten.nodes if n.op == "placeholder" and n.users and "val" in n.meta
+              and not n.name.startswith(("p_", "b_", "c_"))]
+    lines.append("  inputs: " + ", ".join(f"{n.name} {_shape_of(n)}" for n in inputs))
+    seen = 0
+    for node in rewritten.nodes:
+        chain = chains.get(getattr(node.meta.get("bdia_chain"), "container", None))
+        if chain is None:
+            seen += node.op == "call_function"
+            continue
+        lines.append(f"  {seen} operations before chain '{chain.container}'")
+        steps = {len(b.step_ends) or 1 for b in chain.blocks}
+        stream = chain.blocks[0].stream_shape
+        lines.append(f"  {node.name}: BDIA chain '{chain.container}', blocks {chain.blocks[0].path} … "
+                     f"{chain.blocks[-1].path} ({len(chain.blocks)}, {'/'.join(map(str, sorted(steps)))} step(s) each, "
+                     f"{sum(b.n_nodes for b in chain.blocks)} operations folded in), stream "
+                     f"{'x'.join(map(str, stream)) if stream else '?'}, input {node.args[0].name}")
+        for side in chain.side_inputs:
+            lines.append(f"    side input {side} ({side.kind(stream)})")
+        seen = 0
+    lines.append(f"  {seen} operations after the chains, then the output")
+    return "\n".join(lines)
+
+
+def _ops(graph: fx.Graph) -> int:
+    return sum(n.op == "call_function" for n in graph.nodes)
+
+
+def _shape_of(node: fx.Node) -> str:
+    val = node.meta.get("val")
+    return (f"[{', '.join(str(s) for s in val.shape)}] {str(val.dtype).replace('torch.', '')}"
+            if hasattr(val, "shape") else "")

@@ -21,7 +21,8 @@ gradients are accumulated operation by operation, as with per-block checkpointin
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.utils.checkpoint as checkpoint
@@ -328,8 +329,10 @@ class ChainRuntime:
     def _plan(self, index: int, block: nn.Module, original: type, x: torch.Tensor, call: BlockCall) -> tuple:
         """The block's sublayer plan for this call structure, these input shapes and this module state
         (training flags, ``Dropout.p``, ...: an exported graph holds them as constants); made once, cached."""
-        state = tuple(tuple(v for v in m.__dict__.values() if type(v) in (bool, int, float, str)) for m in block.modules())
-        key = (index, call.spec, describe_leaf(x, shapes=True), tuple(describe_leaf(v, shapes=True) for v in call.leaves),
+        state = tuple(tuple(v for v in m.__dict__.values() if type(v) in (bool, int, float, str))
+                      for m in block.modules())
+        key = (index, call.spec, describe_leaf(x, shapes=True),
+               tuple(describe_leaf(v, shapes=True) for v in call.leaves),
                state)
         if key not in self._plans:
             leaves = list(call.leaves)

@@ -17,12 +17,14 @@ import torch
 import transformers
 
 import bdia_fx
-from bdia_fx.convert import state_of
+from bdia_fx.conversion import state_of
+
 from output import write_json
 
 FAMILIES: dict[str, tuple[str, dict]] = {
     "qwen2": ("Qwen2Config", dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)),
-    "mistral": ("MistralConfig", dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)),
+    "mistral": ("MistralConfig", dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                      num_key_value_heads=2)),
     "gemma": ("GemmaConfig", dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=1,
                                   head_dim=8)),
     "phi": ("PhiConfig", dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, resid_pdrop=0.1)),
@@ -82,7 +84,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     transformers.logging.set_verbosity_error()
-    print(f"{'family':<12} {'granularity':<10} {'steps':<26} {'rebuild':<9} {'grad diff':>10} {'eval diff':>10} {'s':>5}")
+    print(f"{'family':<12} {'granularity':<10} {'steps':<26} {'rebuild':<9} "
+          f"{'grad diff':>10} {'eval diff':>10} {'s':>5}")
     rows = []
     for family in args.families:
         for granularity in ("block", "sublayer"):

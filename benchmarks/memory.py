@@ -29,6 +29,7 @@ from torch import nn
 
 import bdia_fx
 from bdia_fx.memory import saved_activation_bytes
+
 from output import write_json
 
 METHODS = ("plain", "checkpoint", "checkpoint-full", "checkpoint-reentrant", "bdia", "bdia-no-verify", "bdia-stored")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import bdia_fx
+
 from output import write_json
 
 
@@ -84,11 +85,13 @@ def main() -> None:
     rows = measure(args)
     print(f"GPT-2 {args.layers} layers, n_embd {args.embd}; latency: batch {args.batch} x {args.tokens} tokens, "
           f"median of {args.repeats}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'graph':10} {'export s':>9} {'file MiB':>9} {'max|diff|':>10} {'>1e-4':>9} {'Q effect':>9} {'torch ms':>9} "
+    print(f"{'graph':10} {'export s':>9} {'file MiB':>9} {'max|diff|':>10} {'>1e-4':>9} {'Q effect':>9} "
+          f"{'torch ms':>9} "
           f"{'ort ms':>8} {'ort/torch':>9}")
     for r in rows:
         print(f"{'quantized' if r['quantize'] else 'plain':10} {r['export_s']:9.1f} {r['file_mib']:9.2f} "
-              f"{r['max_abs_diff']:10.2e} {r['mismatched']:>9} {r['quantization_effect']:9.2e} {r['torch_ms']:9.1f} {r['ort_ms']:8.1f} "
+              f"{r['max_abs_diff']:10.2e} {r['mismatched']:>9} {r['quantization_effect']:9.2e} "
+              f"{r['torch_ms']:9.1f} {r['ort_ms']:8.1f} "
               f"{r['ort_over_torch']:9.2f}")
     if args.json:
         write_json({"config": vars(args) | {"json": str(args.json)}, "rows": rows}, args.json)

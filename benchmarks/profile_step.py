@@ -57,7 +57,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--against", default="checkpoint-full", choices=["checkpoint", "checkpoint-full", "checkpoint-reentrant", "plain"])
+    parser.add_argument("--against", default="checkpoint-full",
+                        choices=["checkpoint", "checkpoint-full", "checkpoint-reentrant", "plain"])
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--json", help="write the per-operator table here")
     args = parser.parse_args()

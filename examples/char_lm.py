@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 import bdia_fx
+
 from paired import VARIANTS, PairedDifference, make_variant, plot_curves, write_json
 
 
@@ -132,7 +133,8 @@ def main() -> None:
                              [r["bdia"]["curve"][-1] for r in runs])
     print()
     print(final.summary())
-    print(f"  = {statistics.fmean(final.plain) / math.log(2):.3f} vs {statistics.fmean(final.bdia) / math.log(2):.3f} bits/char")
+    print(f"  = {statistics.fmean(final.plain) / math.log(2):.3f} "
+          f"vs {statistics.fmean(final.bdia) / math.log(2):.3f} bits/char")
     plot_curves({name: [r[name]["curve"] for r in runs] for name in VARIANTS}, "validation loss (nats/char)",
                 f"character GPT ({args.layers} blocks), {args.seeds} paired seeds", args.out / "val_loss.png",
                 xlabel="training step", every=args.eval_every)

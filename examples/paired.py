@@ -10,9 +10,9 @@ import copy
 import json
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -47,15 +47,22 @@ class PairedDifference:
         mean = statistics.fmean(d)
         return mean - half, mean + half
 
-    def summary(self, scale: float = 1.0, unit: str = "") -> str:
+    def summary(self, scale: float = 1.0, unit: str = "", difference_unit: str | None = None, digits: int = 3) -> str:
+        """Mean ± std of both variants in ``unit`` and their paired difference in ``difference_unit``
+        (percentages differ by percentage points: ``summary(100, " %", " pp")``)."""
+        difference_unit = unit if difference_unit is None else difference_unit
+
         def mean_std(values: list[float]) -> str:
             std = statistics.stdev(values) if len(values) > 1 else 0.0
-            return f"{scale * statistics.fmean(values):.3f} ± {scale * std:.3f}{unit}"
+            return f"{scale * statistics.fmean(values):.{digits}f} ± {scale * std:.{digits}f}{unit}"
 
+        text = (f"{self.metric}: plain {mean_std(self.plain)}, bdia {mean_std(self.bdia)}; paired difference "
+                f"bdia − plain {scale * statistics.fmean(self.differences):+.{digits}f}{difference_unit}")
+        if len(self.plain) < 2:
+            return text + " (one seed: no interval)"
         low, high = self.interval95()
-        return (f"{self.metric}: plain {mean_std(self.plain)}, bdia {mean_std(self.bdia)}; paired difference "
-                f"bdia − plain {scale * statistics.fmean(self.differences):+.3f}{unit}, 95 % CI "
-                f"[{scale * low:+.3f}, {scale * high:+.3f}]{unit} over {len(self.plain)} seeds")
+        return (text + f", 95 % CI [{scale * low:+.{digits}f}, {scale * high:+.{digits}f}]{difference_unit} over "
+                f"{len(self.plain)} seeds")
 
     def as_dict(self) -> dict:
         low, high = self.interval95()
@@ -86,6 +93,40 @@ def measure_memory(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor
     return result
 
 
+def memory_by_depth(build: Callable[[int], nn.Module], loss_of: Callable[[nn.Module], torch.Tensor],
+                    example_args: tuple,
+                    depths: list[int]) -> dict[str, list[int]]:
+    """Saved-for-backward bytes of one training step per method (plain, per-block checkpointing,
+    BDIA) for a model of each depth: ``build(depth)`` makes the model."""
+    by_method: dict[str, list[int]] = {"plain": [], "checkpoint": [], "bdia": []}
+    for depth in depths:
+        for method, value in measure_memory(build(depth), loss_of, example_args).items():
+            by_method[method].append(value)
+    return by_method
+
+
+def plot_memory_by_depth(depths: list[int], by_method: dict[str, list[int]], title: str, path: Path) -> None:
+    """Activation memory against depth, one line per method: what reversible training buys."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = {"plain": "plain autograd", "checkpoint": "torch.utils.checkpoint per block", "bdia": "bdia_fx (BDIA)"}
+    for method, values in by_method.items():
+        ax.plot(depths, [v / 2**20 for v in values], marker="o", color=COLOURS[method], label=labels[method])
+    ax.set_xlabel("blocks")
+    ax.set_ylabel("activation memory kept for backward (MiB)")
+    ax.set_xticks(depths)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_curves(curves: dict[str, list[list[float]]], ylabel: str, title: str, path: Path,
                 xlabel: str = "epoch", every: int = 1) -> None:
     """Mean curve per variant over seeds with a ±1 std band; point i is at x = every·(i+1)."""
@@ -107,26 +148,6 @@ def plot_curves(curves: dict[str, list[list[float]]], ylabel: str, title: str, p
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_memory(memory: dict[str, int], title: str, path: Path) -> None:
-    """Bar chart of saved-activation MiB per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    names = list(memory)
-    mib = [memory[n] / 2**20 for n in names]
-    bars = ax.bar(names, mib, color=[COLOURS[n] for n in names])
-    for bar, value in zip(bars, mib):
-        ax.annotate(f"{value:.2f} MiB", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom")
-    ax.set_ylabel("saved for backward (MiB)")
-    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 import bdia_fx
+
 from paired import VARIANTS, PairedDifference, make_variant, plot_curves, write_json
 
 PAD, BOS, EOS = 0, 1, 2
@@ -135,7 +136,8 @@ def corpus_bleu(references: list[str], hypotheses: list[str], order: int = 4) ->
     return brevity * math.exp(log_precision)
 
 
-def evaluate(model: nn.Module, source: torch.Tensor, references: list[str], vocab: Vocabulary, length: int) -> tuple[float, float]:
+def evaluate(model: nn.Module, source: torch.Tensor, references: list[str], vocab: Vocabulary,
+             length: int) -> tuple[float, float]:
     hypotheses = [vocab.decode(row) for row in translate(model, source, length).tolist()]
     exact = sum(h == r for h, r in zip(hypotheses, references)) / len(references)
     return exact, corpus_bleu(references, hypotheses)
@@ -175,18 +177,21 @@ def main() -> None:
         for seed in range(args.seeds):
             torch.manual_seed(seed)
             initial = Translator(len(source_vocab.words), len(target_vocab.words), args.width, args.layers)
-            order = torch.randint(0, len(src_train), (args.steps, args.batch), generator=torch.Generator().manual_seed(seed))
+            order = torch.randint(0, len(src_train), (args.steps, args.batch),
+                                  generator=torch.Generator().manual_seed(seed))
             run = {}
             for name in VARIANTS:
                 model = make_variant(name, initial, (src_train[:2], tgt_train[:2, :-1]))
                 optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-                schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.1)
+                schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps,
+                                                               pct_start=0.1)
                 torch.manual_seed(seed + 1000)
                 curve = []
                 for step, index in enumerate(order, 1):
                     model.train()
                     logits = model(src_train[index], tgt_train[index, :-1])
-                    loss = nn.functional.cross_entropy(logits.flatten(0, 1), tgt_train[index, 1:].flatten(), ignore_index=PAD)
+                    loss = nn.functional.cross_entropy(logits.flatten(0, 1), tgt_train[index, 1:].flatten(),
+                                                       ignore_index=PAD)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -200,10 +205,11 @@ def main() -> None:
                 run[name] = {"curve": curve, "exact": exact, "bleu": bleu}
             runs.append(run)
 
-    exact = PairedDifference("held-out exact match", [r["plain"]["exact"] for r in runs], [r["bdia"]["exact"] for r in runs])
+    exact = PairedDifference("held-out exact match", [r["plain"]["exact"] for r in runs],
+                             [r["bdia"]["exact"] for r in runs])
     bleu = PairedDifference("held-out BLEU-4", [r["plain"]["bleu"] for r in runs], [r["bdia"]["bleu"] for r in runs])
     print()
-    print(exact.summary(100, " %"))
+    print(exact.summary(100, " %", " pp", digits=1))
     print(bleu.summary(100))
     plot_curves({name: [r[name]["curve"] for r in runs] for name in VARIANTS}, "exact match (200 held-out)",
                 f"toy translation, {args.seeds} paired seeds", args.out / "exact_match.png",

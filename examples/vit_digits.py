@@ -1,13 +1,14 @@
 """A small ViT on scikit-learn's digits: plain training vs the same model converted with bdia_fx.
 
 For each seed both variants start from the same weights and see the same batches; the script
-reports validation accuracy (mean ± std and the paired difference with a 95 % interval), the
-activation memory one training step keeps for backward (plain, per-block checkpointing, BDIA),
-time per epoch, writes accuracy curves and a memory bar chart (PNG) and a JSON of everything,
+reports validation accuracy (mean ± std and the paired difference with a 95 % interval), checks
+that the BDIA model's backward rebuilt every block input bit for bit, measures the activation
+memory one training step keeps for backward as the model gets deeper (plain autograd, per-block
+checkpointing, BDIA), writes accuracy curves, the memory-vs-depth plot and a JSON of everything,
 and exports the reverted BDIA model to ONNX (checked in onnxruntime).
 
-    python examples/vit_digits.py            # 3 seeds x 20 epochs, about 5 minutes on 2 CPU cores
-    python examples/vit_digits.py --quick    # smoke test: 2 seeds x 2 epochs
+    python examples/vit_digits.py            # 3 seeds x 20 epochs, about 3 minutes on 2 CPU cores
+    python examples/vit_digits.py --quick    # the demo: 2 seeds x 6 epochs, about a minute
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ from torch import nn
 from tqdm import tqdm
 
 import bdia_fx
-from paired import VARIANTS, PairedDifference, make_variant, measure_memory, plot_curves, plot_memory, write_json
+
+from paired import (
+    VARIANTS,
+    PairedDifference,
+    make_variant,
+    memory_by_depth,
+    plot_curves,
+    plot_memory_by_depth,
+    write_json,
+)
 
 VALIDATION_SIZE = 500
 
@@ -40,10 +50,10 @@ def load_digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch
     return images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]
 
 
-def build_vit(layers: int, width: int) -> nn.Module:
+def build_vit(layers: int, width: int, patch: int = 4) -> nn.Module:
     from transformers import ViTConfig, ViTForImageClassification
 
-    config = ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=width, num_hidden_layers=layers,
+    config = ViTConfig(image_size=8, patch_size=patch, num_channels=1, hidden_size=width, num_hidden_layers=layers,
                        num_attention_heads=4, intermediate_size=2 * width, num_labels=10,
                        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0)
     return ViTForImageClassification(config)
@@ -60,15 +70,14 @@ def train_pair(seed: int, args: argparse.Namespace, data: tuple, progress: tqdm)
     """Train plain and BDIA from the same initial weights on the same batch order."""
     x_train, y_train, x_val, y_val = data
     torch.manual_seed(seed)
-    initial = build_vit(args.layers, args.width)
+    initial = build_vit(args.layers, args.width, args.patch)
     order = torch.Generator().manual_seed(seed)
     batches = [torch.randperm(len(y_train), generator=order).split(args.batch) for _ in range(args.epochs)]
     run = {}
     for name in VARIANTS:
         model = make_variant(name, initial, (x_train[: args.batch],))
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=sum(len(b) for b in batches),
-                                                       pct_start=0.1)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=sum(len(b) for b in batches))
         torch.manual_seed(seed + 1000)  # dropout (and γ) streams start from the same state per seed
         curve, seconds = [], []
         for epoch in range(args.epochs):
@@ -90,24 +99,28 @@ def train_pair(seed: int, args: argparse.Namespace, data: tuple, progress: tqdm)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke test: 2 seeds x 2 epochs")
+    parser.add_argument("--quick", action="store_true", help="the demo: 2 seeds x 6 epochs")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--patch", type=int, default=4, help="patch size on the 8x8 images (4: five tokens with [CLS])")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--depths", type=int, nargs="+", default=[2, 4, 8, 16, 32],
+                        help="model depths of the memory-vs-depth measurement")
     parser.add_argument("--out", type=Path, default=Path("results/vit_digits"))
     args = parser.parse_args()
     if args.quick:
-        args.seeds, args.epochs = 2, 2
+        args.seeds, args.epochs = 2, 6
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     args.out.mkdir(parents=True, exist_ok=True)
     data = load_digits_split()
     print(f"digits: {len(data[1])} training, {len(data[3])} validation images; ViT {args.layers} blocks, width "
-          f"{args.width}; {args.seeds} seeds x {args.epochs} epochs, plain vs BDIA (paired)")
+          f"{args.width}; {args.seeds} seeds x {args.epochs} epochs, plain vs BDIA (paired: same initial weights "
+          "and batches)")
 
     runs = []
     with tqdm(total=args.seeds * len(VARIANTS) * args.epochs, unit="epoch") as progress:
@@ -118,38 +131,41 @@ def main() -> None:
                              [r["bdia"]["curve"][-1] for r in runs])
     best = PairedDifference("best validation accuracy", [max(r["plain"]["curve"]) for r in runs],
                             [max(r["bdia"]["curve"]) for r in runs])
-    x_train = data[0]
-    memory = measure_memory(build_vit(args.layers, args.width),
-                            lambda m: nn.functional.cross_entropy(m(pixel_values=x_train[: args.batch]).logits,
-                                                                  data[1][: args.batch]),
-                            (x_train[: args.batch],))
     epoch_seconds = {name: statistics.median(s for r in runs for s in r[name]["epoch_seconds"]) for name in VARIANTS}
-
     print()
-    print(final.summary(100, " pp"))
-    print(best.summary(100, " pp"))
-    low, high = final.interval95()
-    if abs(statistics.fmean(final.differences)) < 0.01:
-        print(f"  the difference is below what {VALIDATION_SIZE} validation images resolve (about 1 pp): "
-              "no evidence either way at this size")
-    elif low > 0 or high < 0:
-        print("  the 95 % interval excludes 0")
-    else:
-        print("  the 95 % interval includes 0: no detectable difference at this number of seeds")
-    print(f"saved for backward per training step (batch {args.batch}): " + ", ".join(
-        f"{name} {value / 2**20:.2f} MiB" for name, value in memory.items()))
+    print(final.summary(100, " %", " pp", digits=1))
+    print(best.summary(100, " %", " pp", digits=1))
+    print(f"  (chance is 10 %; {VALIDATION_SIZE} validation images resolve about 1 pp)")
     print("median time per epoch: " + ", ".join(f"{name} {s:.2f} s" for name, s in epoch_seconds.items())
           + f" (bdia/plain {epoch_seconds['bdia'] / epoch_seconds['plain']:.2f})")
 
-    plot_curves({name: [r[name]["curve"] for r in runs] for name in VARIANTS}, "validation accuracy",
-                f"ViT on digits ({args.layers} blocks), {args.seeds} paired seeds", args.out / "accuracy.png")
-    plot_memory(memory, f"activation memory, batch {args.batch}", args.out / "memory.png")
-    onnx = bdia_fx.export_onnx(runs[-1]["bdia"]["model"], args.out / "vit_digits.onnx", (data[2][:8],))
+    trained = runs[-1]["bdia"]["model"]
+    exactness = bdia_fx.check_exactness(trained, (data[0][: args.batch],),
+                                        loss_fn=lambda out: out.logits.square().mean())
+    trained.zero_grad(set_to_none=True)
+    print(f"backward rebuild of the trained BDIA model: {'bit-exact' if exactness.exact else 'NOT exact'} on the "
+          f"integer codes of all {len(exactness.blocks)} rebuilt block inputs")
+
+    x_train, y_train = data[0], data[1]
+    by_depth = memory_by_depth(lambda depth: build_vit(depth, args.width, args.patch),
+                               lambda m: nn.functional.cross_entropy(m(pixel_values=x_train[: args.batch]).logits,
+                                                                     y_train[: args.batch]),
+                               (x_train[: args.batch],), args.depths)
+    print(f"activation memory kept for backward by one training step (batch {args.batch}), MiB:")
+    print(f"  {'blocks':>6} " + " ".join(f"{name:>10}" for name in by_depth))
+    for i, depth in enumerate(args.depths):
+        print(f"  {depth:>6} " + " ".join(f"{by_depth[name][i] / 2**20:>10.2f}" for name in by_depth))
+
+    plot_curves({name: [[100 * a for a in r[name]["curve"]] for r in runs] for name in VARIANTS},
+                "validation accuracy (%)", f"ViT on digits ({args.layers} blocks), {args.seeds} paired seeds",
+                args.out / "accuracy.png")
+    plot_memory_by_depth(args.depths, by_depth, f"one training step, batch {args.batch}", args.out / "memory.png")
+    onnx = bdia_fx.export_onnx(trained, args.out / "vit_digits.onnx", (data[2][:8],))
     print(f"exported the reverted BDIA model to {onnx.path} ({onnx.file_bytes / 2**20:.2f} MiB, onnxruntime "
           f"max |diff| {onnx.check.max_abs_diff:.1e})")
     write_json({"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                "final_accuracy": final.as_dict(), "best_accuracy": best.as_dict(), "saved_bytes": memory,
-                "epoch_seconds": epoch_seconds,
+                "final_accuracy": final.as_dict(), "best_accuracy": best.as_dict(), "exact": exactness.exact,
+                "saved_bytes_by_depth": {"depths": args.depths, **by_depth}, "epoch_seconds": epoch_seconds,
                 "curves": {name: [r[name]["curve"] for r in runs] for name in VARIANTS}}, args.out / "results.json")
     print(f"wrote {args.out / 'accuracy.png'}, {args.out / 'memory.png'}, {args.out / 'results.json'}")
 

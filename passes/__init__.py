@@ -9,8 +9,8 @@
 
 from bdia_fx.passes.capture import capture, training_mode
 from bdia_fx.passes.chains import BLOCK_META_KEY, find_chains_in_graph
-from bdia_fx.passes.rewrite import CHAIN_META_KEY, QUANT_META_KEY, rewrite_chains
 from bdia_fx.passes.revert import REVERT_META_KEY, revert_chains
+from bdia_fx.passes.rewrite import CHAIN_META_KEY, QUANT_META_KEY, rewrite_chains
 from bdia_fx.passes.sublayers import SublayerPlan, check_sublayers, plan_block_call, split_steps
 
 __all__ = [

@@ -143,7 +143,8 @@ def _scan_block(path: str, nodes: list[fx.Node], params: set[str], want: fx.Node
     inputs: list[fx.Node] = []
     for node in nodes:
         for arg in node.all_input_nodes:
-            if arg not in members and arg not in inputs and not (arg.op == "placeholder" and arg.name in params) and arg.op != "get_attr":
+            if (arg not in members and arg not in inputs and not (arg.op == "placeholder" and arg.name in params)
+                    and arg.op != "get_attr"):
                 inputs.append(arg)
     outputs = [n for n in nodes if any(user not in members for user in n.users)]
     mutated = [n for n in outputs if _is_mutating(n) and n.args and n.args[0] in inputs]
@@ -186,7 +187,8 @@ def _scan_block(path: str, nodes: list[fx.Node], params: set[str], want: fx.Node
             scan.problem = (node.name, f"in-place op {node.target} (node '{node.name}') on the residual stream")
             scan.residual_like = True
             return scan
-        if _is_mutating(node) and node.args and isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder" and node.args[0].name in params:
+        if (_is_mutating(node) and node.args and isinstance(node.args[0], fx.Node)
+                and node.args[0].op == "placeholder" and node.args[0].name in params):
             scan.problem = (node.name, f"block updates state '{node.args[0].name}' in place in training "
                             "(e.g. BatchNorm statistics); a recompute would update it twice")
             return scan
@@ -235,13 +237,15 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module) -> 
         for path in called:
             want = scans[-1].stream_out if scans and scans[-1].problem is None else None
             scans.append(_scan_block(path, members[path], params, want))
-        linked = [scans[i].stream_in is not None and scans[i].stream_in is scans[i - 1].stream_out for i in range(1, len(scans))]
+        linked = [scans[i].stream_in is not None and scans[i].stream_in is scans[i - 1].stream_out
+                  for i in range(1, len(scans))]
         residual = [s for s in scans if s.problem is None or s.residual_like]
         if not residual:
             report.ignored.append((container, "its numbered children are not residual blocks"))
             continue
         if not candidate.one_class and len(residual) < len(scans):
-            report.ignored.append((container, "its numbered children are of different classes and not all residual blocks"))
+            report.ignored.append((container, "its numbered children are of different classes "
+                                              "and not all residual blocks"))
             continue
         if len(scans) > 1 and not any(linked) and not _feeds(scans):
             report.ignored.append((container, "its numbered children do not feed one another"))
@@ -265,6 +269,7 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module) -> 
                         side_inputs=tuple(_side_input(n) for n in s.side_inputs),
                         random=any(_is_random(n) for n in s.nodes),
                         n_nodes=len(s.nodes),
+                        stream_shape=_shape(s.stream_in),
                     )
                     for s in scans
                 ),
@@ -290,7 +295,8 @@ def _feeds(scans: list[_BlockScan]) -> bool:
     return False
 
 
-def _chain_problem(container: str, scans: list[_BlockScan], linked: list[bool], mutated_buffers: set[str]) -> Rejection | None:
+def _chain_problem(container: str, scans: list[_BlockScan], linked: list[bool],
+                   mutated_buffers: set[str]) -> Rejection | None:
     for scan in scans:
         if scan.problem is not None:
             return Rejection(container, scan.path, scan.problem[0], scan.problem[1])
@@ -299,7 +305,8 @@ def _chain_problem(container: str, scans: list[_BlockScan], linked: list[bool], 
                 return Rejection(container, scan.path, None, f"block updates buffer '{buffer}' in training "
                                  "(e.g. BatchNorm statistics); a recompute would update it twice")
     if len(scans) < 2:
-        return Rejection(container, scans[0].path, None, f"fewer than 2 blocks ({len(scans)}): BDIA needs a chain of at least 2")
+        return Rejection(container, scans[0].path, None,
+                         f"fewer than 2 blocks ({len(scans)}): BDIA needs a chain of at least 2")
     for i, ok in enumerate(linked):
         if not ok:
             got = scans[i + 1].stream_in.name if scans[i + 1].stream_in is not None else "?"

@@ -26,7 +26,8 @@ CHAIN_META_KEY = "bdia_chain"
 QUANT_META_KEY = "bdia_quantize"
 
 
-def rewrite_chains(ep: torch.export.ExportedProgram, root: nn.Module, report: ChainReport, config: BDIAConfig) -> fx.GraphModule:
+def rewrite_chains(ep: torch.export.ExportedProgram, root: nn.Module, report: ChainReport,
+                   config: BDIAConfig) -> fx.GraphModule:
     """Copy ``ep.graph`` with every chain of ``report`` replaced by quantize + chain nodes.
 
     ``ep.graph`` must have been marked by :func:`~bdia_fx.passes.chains.find_chains_in_graph`.

@@ -16,13 +16,13 @@ step read (they would be drawn twice).
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.export.graph_signature import InputKind
-
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from bdia_fx.errors import ConversionError
@@ -82,7 +82,8 @@ def _bindings(ep: torch.export.ExportedProgram, prefix: str, where: str) -> tupl
             user.append(node)
             bindings[node] = lambda block, tensors, _i=index: tensors[_i]
         else:
-            raise ConversionError(f"sublayer split: unsupported graph input {spec.kind.name} '{node.name}'", module=where)
+            raise ConversionError(f"sublayer split: unsupported graph input {spec.kind.name} '{node.name}'",
+                                  module=where)
     return bindings, user
 
 

@@ -18,13 +18,16 @@ TRAINING_CASES = {
     "hf-llama-rotary": (lambda: llama(3), lambda: (torch.randint(0, 64, (2, 8)),), {"use_cache": False}),
     "hf-neox-parallel-residual": (lambda: neox(3), lambda: (torch.randint(0, 64, (2, 8)),), {"use_cache": False}),
     "hf-opt-reshaped-residual": (lambda: opt(3), lambda: (torch.randint(2, 64, (2, 8)),), {"use_cache": False}),
-    "hf-gptj-parallel-returns-weights": (lambda: gptj(3), lambda: (torch.randint(0, 64, (2, 8)),), {"use_cache": False}),
+    "hf-gptj-parallel-returns-weights": (lambda: gptj(3),
+                                         lambda: (torch.randint(0, 64, (2, 8)),), {"use_cache": False}),
 }
 
 # name -> (build model, inputs of (batch, length), example kwargs): models revert and export
 SIZED_CASES = {
-    "encoder-batch-first": (lambda: encoder(3, batch_first=True, dropout=0.1), lambda b, t: (torch.randn(b, t, 32),), {}),
-    "encoder-seq-first": (lambda: encoder(3, batch_first=False, dropout=0.1), lambda b, t: (torch.randn(t, b, 32),), {}),
+    "encoder-batch-first": (lambda: encoder(3, batch_first=True, dropout=0.1),
+                            lambda b, t: (torch.randn(b, t, 32),), {}),
+    "encoder-seq-first": (lambda: encoder(3, batch_first=False, dropout=0.1),
+                          lambda b, t: (torch.randn(t, b, 32),), {}),
     "tiny-gpt": (lambda: TinyGPT(dropout=0.1), lambda b, t: (torch.randint(0, 50, (b, t)),), {}),
     "gpt2": (lambda: gpt2(3), lambda b, t: (torch.randint(0, 64, (b, t)),), {"use_cache": False}),
     "vit": (lambda: vit(3), lambda b, t: (torch.randn(b, 1, 16, 16),), {}),

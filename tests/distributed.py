@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -47,10 +48,11 @@ def _entry(rank: int, function: Callable[..., Any], port: int, out: str, args: t
 def fsdp_gradients(rank: int, order: str, make_batch: Callable[[], tuple]) -> dict[str, Any]:
     """Per-block ``fully_shard`` before or after ``convert``; one training step on the same batch on
     both ranks (fixed γ): the full gradient of every parameter, and how the block parameters are held."""
-    import bdia_fx
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
+
+    import bdia_fx
 
     from models import gpt2
 
@@ -73,7 +75,8 @@ def fsdp_gradients(rank: int, order: str, make_batch: Callable[[], tuple]) -> di
     conv(ids, labels=ids).loss.backward()
     block_params = dict(conv.transformer.h[1].named_parameters())
     return {
-        "grads": {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad) for n, p in conv.named_parameters()},
+        "grads": {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad)
+                  for n, p in conv.named_parameters()},
         "block_params_sharded": all(isinstance(p, DTensor) and p.to_local().shape[0] < p.shape[0]
                                     for p in block_params.values() if p.dim() > 0),
     }
@@ -82,9 +85,10 @@ def fsdp_gradients(rank: int, order: str, make_batch: Callable[[], tuple]) -> di
 def ddp_gammas_and_gradients(rank: int, make_batch: Callable[[], tuple]) -> dict[str, Any]:
     """DDP: from the same global seed each rank draws its own γ; with γ fixed, gradients average to
     the single-process gradient of the whole batch (each rank takes half of it)."""
+    from torch.nn.parallel import DistributedDataParallel
+
     import bdia_fx
     from bdia_fx.observe import observing
-    from torch.nn.parallel import DistributedDataParallel
 
     from cases import FramesSeen
     from models import TinyGPT
@@ -109,9 +113,10 @@ def ddp_gammas_and_gradients(rank: int, make_batch: Callable[[], tuple]) -> dict
 def fsdp_mixed_precision(rank: int, make_batch: Callable[[], tuple]) -> dict[str, Any]:
     """Per-block ``fully_shard`` with bfloat16 compute (``MixedPrecisionPolicy``: the stream is
     bfloat16, the chain's codes int32): reversible and stored gradients, each from one training step."""
-    import bdia_fx
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    import bdia_fx
 
     from models import gpt2
 

@@ -118,7 +118,8 @@ def neox(layers: int = 3, d: int = 32):
     """Parallel residual blocks (x + attn(ln1 x) + mlp(ln2 x)) with rotary embeddings and dropout."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
+    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=d, intermediate_size=2 * d,
+                                            num_hidden_layers=layers,
                                             num_attention_heads=4, max_position_embeddings=64,
                                             use_parallel_residual=True, hidden_dropout=0.1))
 

@@ -11,7 +11,8 @@ from torch import nn
 import bdia_fx
 from bdia_fx import ExportError
 
-from cases import SIZED_CASES as CASES, train_a_few_steps
+from cases import SIZED_CASES as CASES
+from cases import train_a_few_steps
 
 
 @pytest.mark.parametrize("quantize", [False, True], ids=["plain", "quantized"])

@@ -55,8 +55,10 @@ def test_codes_match_quantize_and_round_trip():
     assert stats.tolist() == [codes.min().item(), codes.max().item()]
 
 
-@pytest.mark.parametrize("value, reason", [(1e7, "fixed-point overflow.*exact range"), (float("inf"), "non-finite \\(inf\\)"),
-                                           (float("-inf"), "non-finite \\(inf\\)"), (float("nan"), "non-finite \\(NaN\\)")])
+@pytest.mark.parametrize("value, reason", [(1e7, "fixed-point overflow.*exact range"),
+                                           (float("inf"), "non-finite \\(inf\\)"),
+                                           (float("-inf"), "non-finite \\(inf\\)"),
+                                           (float("nan"), "non-finite \\(NaN\\)")])
 def test_range_problems_say_what_went_wrong(value, reason):
     _, stats = fp.to_codes(torch.tensor([0.0, value]), 9)
     assert re.search(reason, fp.range_problem(*stats.tolist(), 9))

@@ -3,7 +3,6 @@ streams, calls without autograd, the meta device, higher-order gradients and ``i
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -31,7 +30,8 @@ class _PrivateGeneratorBlock(ResidualMLP):
         return x + self.lin(self.ln(x)) * (1.0 + 0.1 * torch.rand((), generator=self.generator))
 
 
-UNREPLAYED = {"python-random": PythonRandomBlock, "numpy": _NumpyRandomBlock, "private-generator": _PrivateGeneratorBlock}
+UNREPLAYED = {"python-random": PythonRandomBlock, "numpy": _NumpyRandomBlock,
+              "private-generator": _PrivateGeneratorBlock}
 
 
 @pytest.mark.parametrize("kind", UNREPLAYED)
@@ -71,7 +71,8 @@ def test_a_non_finite_stream_is_named_as_such_at_the_block_where_it_appears(mode
     x = torch.randn(4, 8)
     conv = bdia_fx.convert(model, (x,), config=BDIAConfig(mode=mode)).train()
     conv.layers[2].poisoned = True
-    with pytest.raises(FixedPointRangeError, match=r"\[module 'layers\.2'\] .*non-finite \((inf|NaN)\).*not a fixed-point"):
+    with pytest.raises(FixedPointRangeError,
+                       match=r"\[module 'layers\.2'\] .*non-finite \((inf|NaN)\).*not a fixed-point"):
         conv(x)
     x[0, 0] = float("nan")
     with pytest.raises(FixedPointRangeError, match=r"layers\.0.*entering the chain.*non-finite \(NaN\)"):

@@ -58,7 +58,8 @@ def test_a_parameter_changed_in_place_before_backward_raises_like_plain_autograd
     rev = bdia_fx.convert(model, (ids,)).train()
     loss = mean_square_loss(rev(ids))
     EDITS[edit](rev)
-    with pytest.raises(ReversibilityError, match=r"\[module 'blocks\.\d'\] parameter 'blocks\.\d\..*' was modified in place"):
+    with pytest.raises(ReversibilityError,
+                       match=r"\[module 'blocks\.\d'\] parameter 'blocks\.\d\..*' was modified in place"):
         loss.backward()
 
 

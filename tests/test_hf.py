@@ -8,8 +8,15 @@ import logging
 
 import pytest
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback,
-                          TrainingArguments)
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 import bdia_fx
 from bdia_fx import BDIAConfig
@@ -19,7 +26,8 @@ from cases import assert_close
 DEFAULT_CONFIG_MODELS = {  # only sizes set: use_cache=True, as HF ships them
     "gpt2": lambda: GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=64, n_positions=64,
                                                bos_token_id=0, eos_token_id=0)),
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                  num_hidden_layers=3,
                                                   num_attention_heads=4, num_key_value_heads=2)),
 }
 
@@ -100,7 +108,8 @@ class _Gradients(TrainerCallback):
 
 
 def test_trainer_with_gradient_checkpointing_gives_the_stored_gradients(tmp_path):
-    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(1))]
+    data = [{"input_ids": ids, "labels": ids}
+            for ids in torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(1))]
     seen = {}
     for mode in ("reversible", "stored"):
         torch.manual_seed(0)

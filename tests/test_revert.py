@@ -9,9 +9,10 @@ import torch
 
 import bdia_fx
 from bdia_fx import BDIAConfig, ConversionError
-from bdia_fx.convert import state_of
+from bdia_fx.conversion import state_of
 
-from cases import SIZED_CASES as CASES, logits, train_a_few_steps
+from cases import SIZED_CASES as CASES
+from cases import logits, train_a_few_steps
 from models import TinyGPT, gpt2
 
 

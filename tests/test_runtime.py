@@ -8,12 +8,14 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 import bdia_fx
 from bdia_fx import BDIAConfig
-from bdia_fx.convert import state_of
+from bdia_fx.conversion import state_of
 from bdia_fx.observe import observing
 
-from cases import TRAINING_CASES as CASES, FramesSeen, assert_close, grads, mean_square_loss
+from cases import TRAINING_CASES as CASES
+from cases import FramesSeen, assert_close, grads, mean_square_loss
 from models import TinyGPT, encoder, gpt2
 from references import L, Q, bdia_chain
+
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_reversible_gradients_equal_stored_reference(case):
@@ -177,8 +179,8 @@ def _spec_sublayer_chain(layers, x, gamma):
     """The training forward with every residual add a step: x + sa(norm1 x), then y + ff(norm2 y), per layer."""
     steps = []
     for layer in layers:
-        steps += [lambda v, l=layer: v + l._sa_block(l.norm1(v), None, None),
-                  lambda v, l=layer: v + l._ff_block(l.norm2(v))]
+        steps += [lambda v, lyr=layer: v + lyr._sa_block(lyr.norm1(v), None, None),
+                  lambda v, lyr=layer: v + lyr._ff_block(lyr.norm2(v))]
     return bdia_chain(steps, x, gamma)
 
 
@@ -243,7 +245,8 @@ def test_sublayer_plans_follow_new_shapes_and_call_patterns():
     ref = bdia_fx.convert(model, (ids,), {"use_cache": False}, BDIAConfig(granularity="sublayer", mode="stored"))
     calls = [((torch.randint(0, 64, (2, 8)),), {"use_cache": False}),
              ((torch.randint(0, 64, (3, 5)),), {"use_cache": False}),
-             ((torch.randint(0, 64, (3, 5)),), {"use_cache": False, "attention_mask": torch.ones(3, 5, dtype=torch.long)})]
+             ((torch.randint(0, 64, (3, 5)),), {"use_cache": False,
+                                                "attention_mask": torch.ones(3, 5, dtype=torch.long)})]
     for args, kwargs in calls:
         _, g_rev = grads(rev, args, kwargs, 2, mean_square_loss)
         _, g_ref = grads(ref, args, kwargs, 2, mean_square_loss)
@@ -272,9 +275,12 @@ def test_hooks_that_change_the_stream_between_blocks_are_refused_naming_them(mod
     model = TinyGPT(layers=4)
     ids = torch.randint(0, 50, (2, 8))
     conv = bdia_fx.convert(model, (ids,), config=BDIAConfig(mode=mode)).train()
-    cases = [(conv.blocks[1].register_forward_hook, _halve_in_place, r"modified in place \(forward hook _halve_in_place on 'blocks\.1'\)"),
-             (conv.blocks[2].register_forward_pre_hook, _halve_input_in_place, r"modified in place \(forward pre-hook _halve_input_in_place on 'blocks\.2'\)"),
-             (conv.blocks[1].register_forward_hook, _halve, r"not block 1's output.*forward hook _halve on 'blocks\.1'")]
+    cases = [(conv.blocks[1].register_forward_hook, _halve_in_place,
+              r"modified in place \(forward hook _halve_in_place on 'blocks\.1'\)"),
+             (conv.blocks[2].register_forward_pre_hook, _halve_input_in_place,
+              r"modified in place \(forward pre-hook _halve_input_in_place on 'blocks\.2'\)"),
+             (conv.blocks[1].register_forward_hook, _halve,
+              r"not block 1's output.*forward hook _halve on 'blocks\.1'")]
     for register, hook, reason in cases:
         handle = register(hook)
         model.train()(ids)  # the plain model runs with it

@@ -23,16 +23,19 @@ import ast
 import importlib
 import inspect
 import json
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 import bdia_fx
-from bdia_fx.convert import state_of
+from bdia_fx.conversion import captured_graph
 from bdia_fx.errors import ConversionError
+from bdia_fx.report import graph_summary
 
 TORCH_MODELS = ("transformer-encoder", "transformer")
 
@@ -42,11 +45,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--hf", metavar="MODEL_TYPE", help="an HF model type built from a config (gpt2, llama, vit, ...)")
+    source.add_argument("--hf", metavar="MODEL_TYPE",
+                        help="an HF model type built from a config (gpt2, llama, vit, ...)")
     source.add_argument("--torch", choices=TORCH_MODELS, help="a torch.nn built-in transformer")
     source.add_argument("--factory", metavar="MODULE:FUNCTION", help="any importable function returning a model")
-    parser.add_argument("--config", default="", metavar="K=V,...", help="HF config overrides, e.g. n_layer=6,n_embd=128")
-    parser.add_argument("--hf-class", help="the HF model class (default: causal LM, else image classifier, else base model)")
+    parser.add_argument("--config", default="", metavar="K=V,...",
+                        help="HF config overrides, e.g. n_layer=6,n_embd=128")
+    parser.add_argument("--hf-class",
+                        help="the HF model class (default: causal LM, else image classifier, else base model)")
     parser.add_argument("--layers", type=int, default=4, help="blocks per stack of a --torch model")
     parser.add_argument("--d-model", type=int, default=64, help="width of a --torch model")
     parser.add_argument("--heads", type=int, default=4, help="attention heads of a --torch model")
@@ -54,13 +60,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seq-first", action="store_true", help="--torch model with batch_first=False")
     parser.add_argument("--batch", type=int, default=2, help="example batch size")
     parser.add_argument("--seq", type=int, default=16, help="example sequence length")
-    parser.add_argument("--tokens", type=int, metavar="VOCAB", help="--factory input: token ids below VOCAB, shape batch x seq")
+    parser.add_argument("--tokens", type=int, metavar="VOCAB",
+                        help="--factory input: token ids below VOCAB, shape batch x seq")
     parser.add_argument("--shape", metavar="D0,D1,...", help="--factory input: a float tensor of this shape")
     parser.add_argument("--granularity", choices=["block", "sublayer"], default="block",
                         help="BDIA steps: whole blocks, or every sequential residual add (lists each block's steps)")
-    parser.add_argument("--graph", action="store_true", help="print the rewritten graph")
+    parser.add_argument("--graph", action="store_true",
+                        help="summarise the rewritten graph: each chain node, its blocks, steps and side inputs")
+    parser.add_argument("--graph-dump", action="store_true", help="also print every node of the rewritten graph")
     parser.add_argument("--draw", type=Path, metavar="DIR", help="write before/after pictures (SVG, PNG) into DIR")
-    parser.add_argument("--expand", action="store_true", help="with --draw: show every node instead of one box per block")
+    parser.add_argument("--expand", action="store_true",
+                        help="with --draw: show every node instead of one box per block")
     parser.add_argument("--memory", metavar="B,T", help="table of saved-activation bytes at batch B, sequence T")
     parser.add_argument("--measure", action="store_true", help="with --memory: also run one training step of each")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the report and memory table as JSON")
@@ -107,28 +117,31 @@ def _hf_model(args: argparse.Namespace) -> tuple[nn.Module, Inputs, str]:
             raise ConversionError(f"transformers has no class '{args.hf_class}'")
         model = getattr(transformers, args.hf_class)(config)
     else:
-        model = None
-        for auto in ("AutoModelForCausalLM", "AutoModelForImageClassification", "AutoModel"):
-            try:
-                model = getattr(transformers, auto).from_config(config)
-                break
-            except ValueError:
-                continue
-        if model is None:
+        autos = [auto for auto in ("AutoModelForCausalLM", "AutoModelForImageClassification", "AutoModel")
+                 if type(config) in getattr(transformers, auto)._model_mapping]
+        if not autos:
             raise ConversionError(f"no HF model class for '{args.hf}'; name one with --hf-class")
+        try:
+            model = getattr(transformers, autos[0]).from_config(config)
+        except (ValueError, TypeError) as error:  # the config itself is inconsistent: say why
+            raise ConversionError(f"cannot build {autos[0]} for '{args.hf}' with --config '{args.config}': "
+                                  f"{str(error).splitlines()[0]}") from error
     kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     if model.main_input_name == "input_ids":
         vocab = config.vocab_size
-        return model, lambda b, t: ((torch.randint(0, vocab, (b, t)),), dict(kwargs)), f"{type(model).__name__} ({args.hf})"
+        return (model, lambda b, t: ((torch.randint(0, vocab, (b, t)),), dict(kwargs)),
+                f"{type(model).__name__} ({args.hf})")
     if model.main_input_name == "pixel_values":
         size, channels = config.image_size, config.num_channels
-        return model, lambda b, t: ((torch.randn(b, channels, size, size),), dict(kwargs)), f"{type(model).__name__} ({args.hf})"
+        return (model, lambda b, t: ((torch.randn(b, channels, size, size),), dict(kwargs)),
+                f"{type(model).__name__} ({args.hf})")
     raise ConversionError(f"{type(model).__name__} takes '{model.main_input_name}'; use --factory to give inputs")
 
 
 def _torch_model(args: argparse.Namespace) -> tuple[nn.Module, Inputs, str]:
     d, batch_first = args.d_model, not args.seq_first
-    common = dict(nhead=args.heads, dim_feedforward=4 * d, dropout=0.1, batch_first=batch_first, norm_first=not args.post_ln)
+    common = dict(nhead=args.heads, dim_feedforward=4 * d, dropout=0.1, batch_first=batch_first,
+                  norm_first=not args.post_ln)
 
     def stream(b: int, t: int) -> torch.Tensor:
         return torch.randn(b, t, d) if batch_first else torch.randn(t, b, d)
@@ -137,13 +150,16 @@ def _torch_model(args: argparse.Namespace) -> tuple[nn.Module, Inputs, str]:
         model = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, **common), args.layers, enable_nested_tensor=False)
         return model, lambda b, t: ((stream(b, t),), {}), f"nn.TransformerEncoder ({args.layers} layers)"
     model = nn.Transformer(d, num_encoder_layers=args.layers, num_decoder_layers=args.layers, **common)
-    return model, lambda b, t: ((stream(b, t), stream(b, max(t // 2, 2))), {}), f"nn.Transformer ({args.layers}+{args.layers} layers)"
+    return (model, lambda b, t: ((stream(b, t), stream(b, max(t // 2, 2))), {}),
+            f"nn.Transformer ({args.layers}+{args.layers} layers)")
 
 
 def _factory_model(args: argparse.Namespace) -> tuple[nn.Module, Inputs, str]:
     module_name, sep, function_name = args.factory.partition(":")
     if not sep:
         raise ConversionError(f"--factory '{args.factory}' is not MODULE:FUNCTION")
+    if os.getcwd() not in sys.path:  # like `python -m`: modules of the current directory import
+        sys.path.insert(0, os.getcwd())
     try:
         factory = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as error:
@@ -154,7 +170,8 @@ def _factory_model(args: argparse.Namespace) -> tuple[nn.Module, Inputs, str]:
     elif isinstance(made, tuple) and made and isinstance(made[0], nn.Module):
         model, fixed = made[0], (tuple(made[1]) if len(made) > 1 else (), dict(made[2]) if len(made) > 2 else {})
     else:
-        raise ConversionError(f"--factory {args.factory} returned {type(made).__name__}, not a model or (model, args[, kwargs])")
+        raise ConversionError(f"--factory {args.factory} returned {type(made).__name__}, "
+                              "not a model or (model, args[, kwargs])")
     label = f"{type(model).__name__} ({args.factory})"
     if fixed is not None:
         return model, lambda b, t: fixed, label
@@ -183,7 +200,8 @@ def memory_table(model: nn.Module, make_inputs: Inputs, batch: int, seq: int, me
                     "bdia": bdia_fx.convert(model, args, kwargs)}
         for row in rows:
             variant = variants[row["method"]].train()
-            row["measured"] = saved_activation_bytes(variant, lambda: default_loss(variant(*args, **kwargs)))
+            row["measured"] = saved_activation_bytes(variant,
+                                                     lambda _variant=variant: default_loss(_variant(*args, **kwargs)))
     return rows
 
 
@@ -192,7 +210,8 @@ def _mib(n: int) -> str:
 
 
 def print_memory(rows: list[dict], batch: int, seq: int) -> None:
-    print(f"\nsaved for backward, one training step at batch {batch}, sequence {seq} (MiB; estimate from one plain forward)")
+    print(f"\nsaved for backward, one training step at batch {batch}, sequence {seq} "
+          "(MiB; estimate from one plain forward)")
     measured = "measured" in rows[0]
     print(f"{'method':12}{'estimated':>10}" + (f"{'measured':>10}" if measured else "") + f"{'vs plain':>10}")
     plain = rows[0]["measured" if measured else "estimated"]
@@ -213,21 +232,24 @@ def run(args: argparse.Namespace) -> dict:
     except ConversionError:
         print(bdia_fx.find_chains(model, example_args, example_kwargs))  # what was found and why it was refused
         raise
-    report = state_of(converted).report
+    report = bdia_fx.report_of(converted)
     print(report)
     result: dict[str, Any] = {"model": label, "chains": [
         {"container": c.container, "blocks": list(c.block_paths), "side_inputs": [str(s) for s in c.side_inputs]}
         for c in report.chains], "rejections": [
         {"module": r.module, "node": r.node, "reason": r.reason} for r in report.rejections]}
     if args.granularity == "sublayer":
-        ends = state_of(converted).sublayer_ends
         print("\nsublayer steps (the residual add ending each step):")
         for chain in report.chains:
-            for path, adds in zip(chain.block_paths, ends[chain.container]):
-                print(f"  {path}: {len(adds)} step{'s' * (len(adds) > 1)}, ending at {', '.join(adds)}")
-        result["sublayers"] = ends
-    if args.graph:
-        print("\nrewritten graph:")
+            for block in chain.blocks:
+                adds = block.step_ends
+                print(f"  {block.path}: {len(adds)} step{'s' * (len(adds) > 1)}, ending at {', '.join(adds)}")
+        result["sublayers"] = {c.container: [list(b.step_ends) for b in c.blocks] for c in report.chains}
+    if args.graph or args.graph_dump:
+        print()
+        print(graph_summary(report, captured_graph(converted), bdia_fx.graph_of(converted).graph))
+    if args.graph_dump:
+        print("\nrewritten graph, every node:")
         print(bdia_fx.graph_of(converted).graph)
     if args.draw:
         from bdia_fx.draw import draw_conversion

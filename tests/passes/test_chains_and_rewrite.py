@@ -3,7 +3,7 @@
 import torch
 
 import bdia_fx
-from bdia_fx.convert import state_of
+from bdia_fx.conversion import state_of
 from bdia_fx.fixed_point import quantize
 from bdia_fx.passes import CHAIN_META_KEY
 

@@ -1,14 +1,14 @@
 """The reverse pass finds exactly the rewrite pass's nodes and emits the γ = 0 block chain."""
 
 import torch
+from torch import nn
 
 import bdia_fx
-from bdia_fx.convert import state_of
+from bdia_fx.conversion import state_of
 from bdia_fx.fixed_point import quantize
 from bdia_fx.passes import CHAIN_META_KEY, QUANT_META_KEY, REVERT_META_KEY
 
 from models import gpt2
-from torch import nn
 
 
 def _converted_transformer():

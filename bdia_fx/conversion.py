@@ -23,8 +23,15 @@ from bdia_fx import hf
 from bdia_fx.calls import StreamSlots, describe_call, describe_leaf, recording_block_calls, stream_slots
 from bdia_fx.config import BDIAConfig
 from bdia_fx.errors import ConversionError
-from bdia_fx.module_tree import (boundary_suspended, capture_twin, infer_batch_dim, install_boundary, install_proxy,
-                                 original_class, shallow_clone)
+from bdia_fx.module_tree import (
+    boundary_suspended,
+    capture_twin,
+    infer_batch_dim,
+    install_boundary,
+    install_proxy,
+    original_class,
+    shallow_clone,
+)
 from bdia_fx.passes.capture import capture
 from bdia_fx.passes.chains import find_chains_in_graph
 from bdia_fx.passes.rewrite import rewrite_chains
@@ -47,7 +54,6 @@ class ConvertedState:
     runtimes: dict[str, ChainRuntime] = dataclasses.field(default_factory=dict)
     patterns: set = dataclasses.field(default_factory=set)
     hook_id: int | None = None  # the root forward pre-hook that plans and checks call patterns
-    sublayer_ends: dict[str, list[list[str]]] = dataclasses.field(default_factory=dict)  # granularity="sublayer"
     takes_use_cache: bool = False  # an HF-style forward(use_cache=...): training calls get use_cache=False
     warned: set[str] = dataclasses.field(default_factory=set)  # the one-time warnings already logged
 
@@ -77,8 +83,29 @@ def is_converted(model: nn.Module) -> bool:
     return _STATE_ATTR in model.__dict__
 
 
+class ConvertedRepr:
+    """The ``extra_repr`` of a converted model: its class's own, then what bdia_fx made of it, so that
+    ``print(model)`` says it is converted and how (an instance attribute: the class is unchanged)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self) -> str:
+        state = converted_state(self.model)
+        own = type(self.model).extra_repr(self.model)
+        if state is None:
+            return own
+        config = state.config
+        chains = ", ".join(f"{r.container} ({len(r.blocks)} blocks)" for r in state.runtimes.values())
+        text = (f"bdia_fx: converted ({config.mode}, granularity={config.granularity}, frac_bits={config.frac_bits}, "
+                f"gammas={config.gammas}, verify={config.verify}); "
+                f"chains: {chains or 'found at the first training call'}")
+        return f"{own}\n{text}" if own else text
+
+
 def detach_state(clone: nn.Module) -> ConvertedState:
-    """Remove the conversion state and the root hook from a structural copy of a converted model."""
+    """Remove the conversion state, its repr and the root hook from a structural copy of a converted model."""
+    clone.__dict__.pop("extra_repr", None)
     state = clone.__dict__.pop(_STATE_ATTR)
     for hooks in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"):
         getattr(clone, hooks).pop(state.hook_id, None)
@@ -123,6 +150,7 @@ def convert(model: nn.Module, example_inputs: tuple | torch.Tensor = (), example
     clone = shallow_clone(model)
     state = ConvertedState(config, takes_use_cache=hf.takes_use_cache(model))
     clone.__dict__[_STATE_ATTR] = state
+    clone.__dict__["extra_repr"] = ConvertedRepr(clone)
     if example_inputs or example_kwargs:
         _plan(clone, state, *_training_call(clone, state, example_inputs, dict(example_kwargs or {})))
     state.hook_id = clone.register_forward_pre_hook(_before_call, with_kwargs=True).id
@@ -192,7 +220,7 @@ def _plan(model: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) ->
                                                        for c in report.chains) or "no chain")
     _refuse_if_unconvertible(report)
     if state.config.granularity == "sublayer":
-        state.sublayer_ends = check_sublayers(ep, report)  # refuses blocks that cannot be cut at their adds
+        report = _with_step_ends(report, check_sublayers(ep, report))  # refuses blocks not cut at their adds
     slots = {chain.container: stream_slots(chain.block_paths, calls) for chain in report.chains}
     if not state.runtimes:
         modules = dict(model.named_modules())
@@ -228,6 +256,28 @@ def _plan(model: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) ->
     state.patterns.add(_pattern_key(args, kwargs))
 
 
+def _with_step_ends(report: ChainReport, ends: dict[str, list[list[str]]]) -> ChainReport:
+    """``report`` with each block's sublayer steps (the residual add ending each) filled in."""
+    chains = [dataclasses.replace(chain, blocks=tuple(dataclasses.replace(block, step_ends=tuple(block_ends))
+                                                      for block, block_ends in zip(chain.blocks,
+                                                                                   ends[chain.container])))
+              for chain in report.chains]
+    return dataclasses.replace(report, chains=chains)
+
+
+def report_of(model: nn.Module) -> ChainReport | None:
+    """The chain report of a converted model: its chains, blocks, side inputs (and, with
+    ``granularity="sublayer"``, each block's steps); None before a lazily converted model's first
+    training call. :class:`ConversionError` if ``model`` was not converted."""
+    return state_of(model).report
+
+
+def captured_graph(model: nn.Module) -> fx.Graph | None:
+    """The graph captured from a converted model (block nodes marked by the chain pass), for reading."""
+    captured = state_of(model).captured
+    return captured.graph if captured is not None else None
+
+
 def _plan_sublayers(block: nn.Module, original: type, leaves: list, spec: Any, stream_index: int,
                     slots: StreamSlots, where: str) -> tuple:
     """The sublayer pass on one block call (runs the block's original forward under capture)."""
@@ -242,7 +292,8 @@ def _plan_sublayers(block: nn.Module, original: type, leaves: list, spec: Any, s
 def _refuse_if_unconvertible(report: ChainReport) -> None:
     if report.rejections:
         first = report.rejections[0]
-        more = f" (and {len(report.rejections) - 1} more; see bdia_fx.find_chains)" if len(report.rejections) > 1 else ""
+        more = (f" (and {len(report.rejections) - 1} more; see bdia_fx.find_chains)"
+                if len(report.rejections) > 1 else "")
         raise ConversionError(first.reason + more, module=first.module, node=first.node)
     if not report.chains:
         ignored = "; ".join(f"'{n}': {why}" for n, why in report.ignored) or "no module with numbered child blocks"

@@ -7,7 +7,7 @@ import weakref
 
 from torch import fx, nn
 
-from bdia_fx.convert import detach_state, state_of
+from bdia_fx.conversion import detach_state, state_of
 from bdia_fx.errors import ConversionError
 from bdia_fx.module_tree import install_gamma0_proxy, remove_boundary, remove_proxy, shallow_clone
 from bdia_fx.passes.revert import revert_chains, reverted_blocks
@@ -22,7 +22,7 @@ class RevertedInfo:
     frac_bits: int
 
 
-_REVERTED: "weakref.WeakKeyDictionary[nn.Module, RevertedInfo]" = weakref.WeakKeyDictionary()
+_REVERTED: weakref.WeakKeyDictionary[nn.Module, RevertedInfo] = weakref.WeakKeyDictionary()
 
 
 def revert(model: nn.Module, quantize: bool = False) -> nn.Module:

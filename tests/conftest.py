@@ -1,0 +1,16 @@
+"""Shared test configuration: subprocess runs (examples, README commands) are marked ``slow``, so a
+quick loop can run ``pytest -m "not slow"`` while CI runs everything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SLOW_FILES = {"test_examples.py", "test_readme.py", "test_bdia_inspect.py"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if Path(str(item.fspath)).name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
