@@ -6,11 +6,12 @@ batches in the same order, so the per-seed difference isolates the effect of BDI
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,42 +108,36 @@ def memory_by_depth(build: Callable[[int], nn.Module], loss_of: Callable[[nn.Mod
 
 def plot_memory_by_depth(depths: list[int], by_method: dict[str, list[int]], title: str, path: Path) -> None:
     """Activation memory against depth, one line per method: what reversible training buys."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
     labels = {"plain": "plain autograd", "checkpoint": "torch.utils.checkpoint per block", "bdia": "bdia_fx (BDIA)"}
-    for method, values in by_method.items():
-        ax.plot(depths, [v / 2**20 for v in values], marker="o", color=COLOURS[method], label=labels[method])
-    ax.set_xlabel("blocks")
-    ax.set_ylabel("activation memory kept for backward (MiB)")
-    ax.set_xticks(depths)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with _figure(path, "blocks", "activation memory kept for backward (MiB)", title) as ax:
+        for method, values in by_method.items():
+            ax.plot(depths, [v / 2**20 for v in values], marker="o", color=COLOURS[method], label=labels[method])
+        ax.set_xticks(depths)
 
 
 def plot_curves(curves: dict[str, list[list[float]]], ylabel: str, title: str, path: Path,
                 xlabel: str = "epoch", every: int = 1) -> None:
     """Mean curve per variant over seeds with a ±1 std band; point i is at x = every·(i+1)."""
+    with _figure(path, xlabel, ylabel, title) as ax:
+        for name, runs in curves.items():
+            values = torch.tensor(runs, dtype=torch.float64)
+            x = every * torch.arange(1, values.shape[1] + 1)
+            mean = values.mean(0)
+            std = values.std(0) if len(runs) > 1 else torch.zeros_like(mean)
+            ax.plot(x, mean, color=COLOURS[name], label=f"{name} (mean of {len(runs)})")
+            ax.fill_between(x, mean - std, mean + std, color=COLOURS[name], alpha=0.2)
+
+
+@contextlib.contextmanager
+def _figure(path: Path, xlabel: str, ylabel: str, title: str) -> Iterator:
+    """One 6x4 in. plot with labels, grid and legend, saved to ``path`` (PNG, 120 dpi) on leaving."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, runs in curves.items():
-        values = torch.tensor(runs, dtype=torch.float64)
-        x = every * torch.arange(1, values.shape[1] + 1)
-        mean = values.mean(0)
-        std = values.std(0) if len(runs) > 1 else torch.zeros_like(mean)
-        ax.plot(x, mean, color=COLOURS[name], label=f"{name} (mean of {len(runs)})")
-        ax.fill_between(x, mean - std, mean + std, color=COLOURS[name], alpha=0.2)
+    yield ax
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
