@@ -34,10 +34,11 @@ from bdia_fx.module_tree import (
 )
 from bdia_fx.passes.capture import capture
 from bdia_fx.passes.chains import find_chains_in_graph
+from bdia_fx.passes.plan import ModelPlan, plan_block_call, plan_model
 from bdia_fx.passes.rewrite import rewrite_chains
-from bdia_fx.passes.sublayers import check_sublayers, plan_block_call
+from bdia_fx.passes.sublayers import check_sublayers
 from bdia_fx.report import ChainReport
-from bdia_fx.runtime import ChainRuntime, capture_mode, capturing
+from bdia_fx.runtime import BDIAChain, ChainRuntime, capture_mode, capturing
 
 _STATE_ATTR = "_bdia_state"
 logger = logging.getLogger(__name__)
@@ -49,8 +50,8 @@ class ConvertedState:
 
     config: BDIAConfig
     report: ChainReport | None = None
-    graph: fx.GraphModule | None = None      # the rewritten graph (chains as BDIA nodes)
-    captured: fx.GraphModule | None = None   # the captured graph, block nodes marked
+    plan: ModelPlan | None = None            # the first training call's plan: both passes read it
+    graph: fx.GraphModule | None = None      # the rewritten graph (chains as BDIAChain nodes): it trains
     runtimes: dict[str, ChainRuntime] = dataclasses.field(default_factory=dict)
     patterns: set = dataclasses.field(default_factory=set)
     hook_id: int | None = None  # the root forward pre-hook that plans and checks call patterns
@@ -61,7 +62,7 @@ class ConvertedState:
         """Pickled without the captured graphs and checked call patterns: a loaded model captures and
         checks its call patterns again at its first call (the graphs' node marks do not pickle)."""
         state = dict(self.__dict__)
-        state.update(graph=None, captured=None, patterns=set())
+        state.update(plan=None, graph=None, patterns=set())
         return state
 
 
@@ -248,10 +249,11 @@ def _plan(model: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) ->
             runtime.random_blocks = [a or b.random for a, b in zip(runtime.random_blocks, chain.blocks)]
             for known, new in zip(runtime.slots, slots[chain.container]):
                 known.merge(new)
-    if state.graph is None:
+    if state.plan is None:
         state.report = report
-        state.graph = rewrite_chains(ep, model, report, state.config)
-        state.captured = ep.graph_module
+        state.plan = plan_model(ep.module(), report, state.config.granularity)
+        chains = {chain.container: BDIAChain(state.runtimes[chain.container], chain) for chain in state.plan.chains}
+        state.graph = rewrite_chains(state.plan, chains, state.config.frac_bits)
     _turn_off_hf_checkpointing(state)
     state.patterns.add(_pattern_key(args, kwargs))
 
@@ -274,8 +276,8 @@ def report_of(model: nn.Module) -> ChainReport | None:
 
 def captured_graph(model: nn.Module) -> fx.Graph | None:
     """The graph captured from a converted model (block nodes marked by the chain pass), for reading."""
-    captured = state_of(model).captured
-    return captured.graph if captured is not None else None
+    plan = state_of(model).plan
+    return plan.graph_module.graph if plan is not None else None
 
 
 def _plan_sublayers(block: nn.Module, original: type, leaves: list, spec: Any, stream_index: int,

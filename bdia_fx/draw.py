@@ -13,6 +13,7 @@ from torch import fx, nn
 from bdia_fx.conversion import state_of
 from bdia_fx.errors import ConversionError
 from bdia_fx.passes import BLOCK_META_KEY, CHAIN_META_KEY, QUANT_META_KEY, REVERT_META_KEY
+from bdia_fx.passes.rewrite import safe_name
 from bdia_fx.reversal import graph_of, revert
 
 CHAIN_COLOUR = "#f4a261"     # the BDIA chain node
@@ -26,19 +27,20 @@ def draw_conversion(model: nn.Module, folder: str | Path, expand: bool = False) 
     """Write ``before`` and ``after`` pictures (SVG and PNG) of a converted ``model`` into ``folder``.
 
     ``after`` is the rewritten graph (each chain one highlighted node fed by its quantize node).
-    ``before`` is the original chain with every block collapsed to one box, or, with ``expand``,
-    the whole captured graph with each block's nodes coloured. Returns the written paths.
+    ``before`` is the reverted (γ = 0) graph with every block collapsed to one box, or, with
+    ``expand``, every block's operations coloured by block. In both, the operations that only build
+    side inputs are one grey box. Returns the written paths.
     """
     pydot = _require_graphviz()
     state = state_of(model)
     if state.graph is None:
         raise ConversionError("the converted model has not been called yet; pass example inputs to convert", module="")
-    before = state.captured if expand else graph_of(revert(model))
+    before = graph_of(revert(model))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name, graph in (("before", before), ("after", state.graph)):
-        dot = _dot(graph, name, pydot)
+        dot = _dot(graph, name, pydot, collapse_blocks=not expand)
         for fmt in ("svg", "png"):
             path = folder / f"{name}.{fmt}"
             dot.write(str(path), format=fmt)
@@ -56,10 +58,12 @@ def _require_graphviz():
     return pydot
 
 
-def _dot(gm: fx.GraphModule, name: str, pydot):
+def _dot(gm: fx.GraphModule, name: str, pydot, collapse_blocks: bool):
     from torch.fx.passes.graph_drawer import FxGraphDrawer
 
-    pruned = fx.GraphModule(gm, _side_inputs_collapsed(_without_unused_inputs(gm.graph)))
+    graph = _without_unused_inputs(gm.graph)
+    graph = _side_inputs_collapsed(_blocks_collapsed(graph) if collapse_blocks else graph)
+    pruned = fx.GraphModule(gm, graph)
     dot = FxGraphDrawer(pruned, name, ignore_getattr=True, ignore_parameters_and_buffers=True).get_main_dot_graph()
     dot.set_rankdir("TB")
     for node in pruned.graph.nodes:
@@ -82,6 +86,40 @@ def _highlight(node: fx.Node) -> str | None:
     return BLOCK_COLOURS[mark[1] % 2] if mark is not None else None
 
 
+def block(*inputs):
+    """Stands in, in pictures, for all the operations of one block of a chain (never called)."""
+    raise RuntimeError("a drawing placeholder")
+
+
+def _blocks_collapsed(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` in which each block's operations (marked by the reverse pass) are one
+    ``block`` node, named after the block and reading the block's inputs."""
+    copy = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    boxes: dict[tuple, fx.Node] = {}
+    groups: dict[tuple, list[fx.Node]] = {}
+    for node in graph.nodes:
+        mark = node.meta.get(REVERT_META_KEY)
+        if mark is not None and mark[1] is not None:
+            groups.setdefault(mark, []).append(node)
+    for node in graph.nodes:
+        mark = node.meta.get(REVERT_META_KEY)
+        if mark is None or mark[1] is None:
+            env[node] = copy.node_copy(node, lambda n: env[n])
+            continue
+        if mark not in boxes:
+            members = set(groups[mark])
+            inputs = [a for a in dict.fromkeys(a for n in groups[mark] for a in n.all_input_nodes if a not in members)
+                      if a.op != "get_attr"]
+            out = getattr(groups[mark][-1].meta.get("val"), "shape", None)
+            inputs.sort(key=lambda a: getattr(a.meta.get("val"), "shape", None) != out)  # the stream first
+            boxes[mark] = copy.call_function(block, tuple(env[a] for a in inputs))
+            boxes[mark].name = f"{safe_name(mark[0])}_{mark[1]}"
+            boxes[mark].meta[REVERT_META_KEY] = mark
+        env[node] = boxes[mark]
+    return copy
+
+
 def side_input_construction(*inputs):
     """Stands in, in pictures, for the nodes that only build the chains' side inputs (never called)."""
     raise RuntimeError("a drawing placeholder")
@@ -90,8 +128,8 @@ def side_input_construction(*inputs):
 def _side_inputs_collapsed(graph: fx.Graph) -> fx.Graph:
     """A copy of ``graph`` in which the operations that only build the side inputs of chain or block
     nodes (mask construction, position tables) are one ``side_input_construction`` node."""
-    def chain_or_block(node: fx.Node) -> bool:
-        return CHAIN_META_KEY in node.meta or node.meta.get(REVERT_META_KEY, (None, None))[1] is not None
+    def chain_or_block(node: fx.Node) -> bool:  # a chain node or a collapsed block: argument 0 is the stream
+        return CHAIN_META_KEY in node.meta or node.target is block
 
     carried: set[fx.Node] = set()  # what the output needs other than through chain/block side inputs
     stack = [n for n in graph.nodes if n.op == "output"]

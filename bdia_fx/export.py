@@ -310,13 +310,15 @@ def _reference_outputs(model: nn.Module, args: tuple, kwargs: dict) -> list[torc
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence the exporter's progress lines and warnings (errors still raise)."""
+    """Silence the exporter's progress lines and its one internal deprecation notice (torch's own
+    pytree use); the model's own warnings and all errors still show."""
     logger = logging.getLogger("torch.onnx")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning)
             yield
     finally:
         logger.setLevel(level)

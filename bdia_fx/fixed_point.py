@@ -83,6 +83,13 @@ def quantize(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
     return torch.round(x * scale) / scale
 
 
+def quantize_ste(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
+    """Q[x] with the straight-through gradient (the training graph's quantization node):
+    ``x + (Q[x] − x).detach()``, which is Q[x] exactly (Q[x] − x is exact: the two are within half a
+    code, so within a factor of two of each other or Q[x] = 0)."""
+    return x + (quantize(x, frac_bits) - x).detach()
+
+
 # ---------------------------------------------------------------- the BDIA update (γ = sign / 2)
 def gamma_of(sign: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """γ = sign / 2 in ``dtype`` (``sign`` is an int8 ±1 tensor)."""

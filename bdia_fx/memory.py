@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten
 
 from bdia_fx.calls import first_float_leaf
 from bdia_fx.errors import ConversionError
-from bdia_fx.module_tree import original_class, proxy_class, shallow_clone
+from bdia_fx.module_tree import CHECKPOINT_FORMS, original_class, proxy_class, shallow_clone
 from bdia_fx.observe import ChainObserver, observing
 from bdia_fx.report import ChainReport
 
@@ -27,9 +27,9 @@ class _ChainStateBytes(ChainObserver):
         self.side_storages: dict[int, int] = {}
         self.state_bytes = 0
 
-    def block_called(self, frame, index, call) -> None:
+    def block_called(self, frame, index, sides) -> None:
         if frame.reversible:
-            for _, tensor in call.side_tensors():
+            for _, tensor in sides:
                 pointer = _data_pointer(tensor)
                 if pointer is not None:
                     self.side_storages[pointer] = tensor.untyped_storage().nbytes()
@@ -179,12 +179,17 @@ def estimate_saved_bytes(model: nn.Module, report: ChainReport, loss_fn: Callabl
     return MemoryEstimate(outside, per_chain, streams, lengths, random, side_bytes)
 
 
-def checkpoint_blocks(model: nn.Module, report: ChainReport) -> nn.Module:
+def checkpoint_blocks(model: nn.Module, report: ChainReport, form: str = "checkpoint") -> nn.Module:
     """A structural copy of ``model`` (shared parameters) running every chain block under
-    ``torch.utils.checkpoint`` — the usual per-block checkpointing, for comparisons."""
+    ``torch.utils.checkpoint`` — per-block checkpointing, the baseline of comparisons. ``form``:
+    ``"checkpoint"`` (torch's recommended non-reentrant form, its recompute stops early),
+    ``"checkpoint-full"`` (early stop off: each block recomputed whole, as BDIA must) or
+    ``"checkpoint-reentrant"`` (the classic form)."""
+    if form not in CHECKPOINT_FORMS:
+        raise ValueError(f"form must be one of {sorted(CHECKPOINT_FORMS)}, got {form!r}")
     clone = shallow_clone(model)
     modules = dict(clone.named_modules())
     for chain in report.chains:
         for path in chain.block_paths:
-            modules[path].__class__ = proxy_class(original_class(modules[path]), "checkpoint")
+            modules[path].__class__ = proxy_class(original_class(modules[path]), form)
     return clone

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 from collections.abc import Iterator
 from typing import Any
@@ -106,13 +107,27 @@ def _gamma0_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
                                 self._bdia_index == 0, self._bdia_path, self._bdia_slots)
 
 
-def _checkpoint_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    from torch.utils.checkpoint import checkpoint
+CHECKPOINT_FORMS = {  # kind -> (early stop, reentrant)
+    "checkpoint": (True, False),             # torch's recommended form: the recompute stops early
+    "checkpoint-full": (False, False),       # every block recomputed whole, as BDIA must
+    "checkpoint-reentrant": (True, True),    # the classic form (also a whole recompute)
+}
 
-    return checkpoint(original_class(self).forward, self, *args, use_reentrant=False, **kwargs)
+
+def _checkpointed(early_stop: bool, reentrant: bool):
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        from torch.utils import checkpoint
+
+        original = original_class(self).forward
+        if reentrant:  # takes no keyword arguments: bind them
+            return checkpoint.checkpoint(functools.partial(original, self, **kwargs), *args, use_reentrant=True)
+        with checkpoint.set_checkpoint_early_stop(early_stop):
+            return checkpoint.checkpoint(original, self, *args, use_reentrant=False, **kwargs)
+    return forward
 
 
-_FORWARDS = {"bdia": _chain_forward, "gamma0": _gamma0_forward, "checkpoint": _checkpoint_forward}
+_FORWARDS = {"bdia": _chain_forward, "gamma0": _gamma0_forward,
+             **{kind: _checkpointed(*form) for kind, form in CHECKPOINT_FORMS.items()}}
 
 
 def _reduce_proxy(self: nn.Module, protocol: int) -> tuple:
@@ -129,7 +144,8 @@ def proxy_class(cls: type, kind: str = "bdia") -> type:
 
     ``"bdia"`` hands the call to the block's chain runtime; ``"gamma0"`` runs the quantized
     γ = 0 step x_{k+1} = Q[f_k(x_k)] (the reverted model with ``quantize=True``);
-    ``"checkpoint"`` runs the original forward under ``torch.utils.checkpoint`` (for comparisons).
+    ``"checkpoint"`` (and the other :data:`CHECKPOINT_FORMS`) runs the original forward under
+    ``torch.utils.checkpoint`` (the baselines of comparisons).
     Proxies pickle (``torch.save``, ``copy.deepcopy``) as their original class plus the kind.
     """
     if (cls, kind) not in _PROXY_CLASSES:

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from bdia_fx.calls import BlockCall
     from bdia_fx.frame import ChainFrame
     from bdia_fx.runtime import ChainRuntime
 
@@ -23,8 +22,8 @@ if TYPE_CHECKING:
 class ChainObserver:
     """Receives the events of chain calls; every method is a no-op unless overridden."""
 
-    def block_called(self, frame: ChainFrame, index: int, call: BlockCall) -> None:
-        """Block ``index`` of the chain starts a training call with these other arguments."""
+    def block_called(self, frame: ChainFrame, index: int, sides: list[tuple[int, torch.Tensor]]) -> None:
+        """Block ``index`` of the chain starts a training step with these side inputs (by position)."""
 
     def stream_codes(self, frame: ChainFrame, k: int, codes: torch.Tensor, rebuilt: bool) -> None:
         """The codes of x_k: made by the forward, or ``rebuilt`` by the backward's walk down."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from torch import fx
 
@@ -153,3 +156,11 @@ def _shape_of(node: fx.Node) -> str:
     val = node.meta.get("val")
     return (f"[{', '.join(str(s) for s in val.shape)}] {str(val.dtype).replace('torch.', '')}"
             if hasattr(val, "shape") else "")
+
+
+def write_json(data: Any, path: str | Path) -> None:
+    """Write ``data`` as indented JSON to ``path``, creating its folder (paths and other objects are
+    written as their text): the ``--json`` output of bdia-inspect, the benchmarks and the examples."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str))

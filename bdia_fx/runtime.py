@@ -21,8 +21,9 @@ gradients are accumulated operation by operation, as with per-block checkpointin
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.utils.checkpoint as checkpoint
@@ -34,6 +35,9 @@ from bdia_fx.config import BDIAConfig
 from bdia_fx.errors import ConversionError, ReversibilityError
 from bdia_fx.frame import ChainFrame, StepRecord, recomputing
 from bdia_fx.guards import StepState, record_step, version_of
+
+if TYPE_CHECKING:
+    from bdia_fx.passes.plan import ChainPlan, StepGraph
 
 _capturing = [False]
 
@@ -293,12 +297,10 @@ class ChainRuntime:
                      call: BlockCall) -> Any:
         if index == 0:
             x = _EnterChain.apply(x, frame)
+        sides = call.side_tensors()
         for observer in frame.observers:
-            observer.block_called(frame, index, call)
-        steps = self._steps_of(index, block, original, x, call)
-        for j, (function, label, random) in enumerate(steps):
-            last = index == len(self.blocks) - 1 and j == len(steps) - 1
-            x = self._run_step(frame, x, function, label, random, last, index, call)
+            observer.block_called(frame, index, sides)
+        x = self._run_steps(frame, index, x, self._steps_of(index, block, original, x, call), sides, call.leaf_name)
         rebuild, frame.rebuild = frame.rebuild, None
         if index < len(self.blocks) - 1:
             frame.out, frame.out_version = x, version_of(x)
@@ -316,18 +318,14 @@ class ChainRuntime:
                 f_args, f_kwargs = call.with_stream(stream)
                 return split_output(original.forward(block, *f_args, **f_kwargs), slots, where)
             return [(whole, where, self.random_blocks[index])]
-        plan, rebuild = self._plan(index, block, original, x, call)  # plans are per module state too
-        tensors = [None if i == call.stream_index else leaf for i, leaf in enumerate(call.leaves)
-                   if i == call.stream_index or isinstance(leaf, torch.Tensor)]  # the stream is never held
-        steps = []
-        for j in range(len(plan)):
-            def sublayer(stream: torch.Tensor, _j: int = j) -> tuple[torch.Tensor, Any]:
-                return plan.run_step(_j, block, tensors, stream), (rebuild if _j == len(plan) - 1 else None)
-            steps.append((sublayer, f"{where} (sublayer {j})", plan.random[j]))
-        return steps
+        steps, rebuild = self._plan(index, block, original, x, call)  # plans are per module state too
+        tensors = [leaf for i, leaf in enumerate(call.leaves)
+                   if i != call.stream_index and isinstance(leaf, torch.Tensor)]
+        return [(functools.partial(_planned_step, step, block, tensors, rebuild if j == len(steps) - 1 else None),
+                 f"{where} (sublayer {j})", step.random) for j, step in enumerate(steps)]
 
     def _plan(self, index: int, block: nn.Module, original: type, x: torch.Tensor, call: BlockCall) -> tuple:
-        """The block's sublayer plan for this call structure, these input shapes and this module state
+        """The block's sublayer steps for this call structure, these input shapes and this module state
         (training flags, ``Dropout.p``, ...: an exported graph holds them as constants); made once, cached."""
         state = tuple(tuple(v for v in m.__dict__.values() if type(v) in (bool, int, float, str))
                       for m in block.modules())
@@ -341,11 +339,45 @@ class ChainRuntime:
                                                    self.slots[index], self.block_paths[index])
         return self._plans[key]
 
+    # ------------------------------------------------------------------ the rewritten graph's chain node
+    def run_plan(self, plan: ChainPlan, x: torch.Tensor, sides: list[torch.Tensor], training: bool) -> torch.Tensor:
+        """Run the chain ``plan`` (from :mod:`bdia_fx.passes.plan`) on the stream ``x`` = Q[x_in] and
+        the chain's side inputs: the BDIA chain in training, the γ = 0 chain otherwise. The steps are
+        the planned graphs of the blocks, the machinery the same as for the eager model's calls."""
+        block_sides = [[sides[i] for i in plan.side_positions(block)] for block in plan.blocks]
+        if not training:
+            for index, block in enumerate(plan.blocks):
+                for step in block.steps:
+                    x = step(self.blocks[index], x, block_sides[index])
+                x = fp.quantize(x, self.config.frac_bits) if self.config.quantize_eval else x
+            return x
+        frame = self._frame = ChainFrame(self.container, x, self.config, self.batch_dim, tuple(self.observers))
+        x = _EnterChain.apply(x, frame)
+        for index, block in enumerate(plan.blocks):
+            named = list(enumerate(block_sides[index]))
+            for observer in frame.observers:
+                observer.block_called(frame, index, named)
+            steps = [(functools.partial(_planned_step, step, self.blocks[index], block_sides[index], None),
+                      block.path if len(block.steps) == 1 else f"{block.path} (sublayer {j})", step.random)
+                     for j, step in enumerate(block.steps)]
+            x = self._run_steps(frame, index, x, steps, named, lambda i, b=block: b.side_inputs[i].name)
+        self._frame = None
+        frame.finish_forward()
+        return x
+
+    # ------------------------------------------------------------------ both
+    def _run_steps(self, frame: ChainFrame, index: int, x: torch.Tensor, steps: list[tuple[StepFunction, str, bool]],
+                   sides: list[tuple[int, torch.Tensor]], name_of: Callable[[int], str]) -> torch.Tensor:
+        for j, (function, path, random) in enumerate(steps):
+            last = index == len(self.blocks) - 1 and j == len(steps) - 1
+            x = self._run_step(frame, x, function, path, random, last, index, sides, name_of)
+        return x
+
     def _run_step(self, frame: ChainFrame, x: torch.Tensor, function: StepFunction, path: str, random: bool,
-                  last: bool, index: int, call: BlockCall) -> torch.Tensor:
+                  last: bool, index: int, sides: list[tuple[int, torch.Tensor]],
+                  name_of: Callable[[int], str]) -> torch.Tensor:
         k = len(frame.steps)
-        state = (record_step(self.blocks[index], self.block_paths[index], call.side_tensors(), call.leaf_name)
-                 if frame.reversible else None)
+        state = record_step(self.blocks[index], self.block_paths[index], sides, name_of) if frame.reversible else None
         frame.steps.append(StepRecord(path, random))
         frame.stream = x
         step = _Step(frame, k, function, state)
@@ -359,6 +391,32 @@ class ChainRuntime:
         frame.gammas.release(k)  # drawn again in backward
         frame.prev, frame.stream = x, None
         return out
+
+
+def _planned_step(step: StepGraph, block: nn.Module, sides: list[torch.Tensor], rebuild: Callable | None,
+                  stream: torch.Tensor) -> tuple[torch.Tensor, Callable | None]:
+    """A planned step as a step function: its output, and the block's output structure (last step)."""
+    return step(block, stream, sides), rebuild
+
+
+class BDIAChain(nn.Module):
+    """The chain node of the rewritten graph: ``forward(x0, *side_inputs)`` runs a planned chain with
+    the chain runtime, the same one the eager converted model runs (see ``docs/design.md``).
+
+    The rewritten graph is the training graph of the captured call (its dropout ops, shapes and
+    call pattern are the capture's); in ``.eval()`` the node runs the γ = 0 chain of the same steps.
+    """
+
+    def __init__(self, runtime: ChainRuntime, plan: ChainPlan):
+        super().__init__()
+        self.runtime, self.plan = runtime, plan
+
+    def forward(self, x0: torch.Tensor, *sides: torch.Tensor) -> torch.Tensor:
+        return self.runtime.run_plan(self.plan, x0, list(sides), self.training)
+
+    def extra_repr(self) -> str:
+        steps = sum(len(b.steps) for b in self.plan.blocks)
+        return f"chain '{self.plan.container}': {len(self.plan.blocks)} blocks, {steps} steps"
 
 
 def _same_stream(x: torch.Tensor, out: torch.Tensor) -> bool:

@@ -22,8 +22,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 import bdia_fx
-
-from output import write_json
+from bdia_fx.report import write_json
 
 METHODS = ("plain eager", "plain compiled", "bdia eager", "bdia compiled")
 

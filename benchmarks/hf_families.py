@@ -18,8 +18,7 @@ import transformers
 
 import bdia_fx
 from bdia_fx.conversion import state_of
-
-from output import write_json
+from bdia_fx.report import write_json
 
 FAMILIES: dict[str, tuple[str, dict]] = {
     "qwen2": ("Qwen2Config", dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)),

@@ -24,39 +24,14 @@ import sys
 import time
 
 import torch
-import torch.utils.checkpoint as checkpoint
 from torch import nn
 
 import bdia_fx
-from bdia_fx.memory import saved_activation_bytes
-
-from output import write_json
+from bdia_fx.memory import checkpoint_blocks, saved_activation_bytes
+from bdia_fx.report import write_json
 
 METHODS = ("plain", "checkpoint", "checkpoint-full", "checkpoint-reentrant", "bdia", "bdia-no-verify", "bdia-stored")
 B, T, D, HEADS = 8, 64, 256, 4
-
-
-class Checkpointed(nn.Module):
-    """The same encoder with torch.utils.checkpoint around every block.
-
-    ``"checkpoint"`` is torch's recommended form (non-reentrant, early stop on): the recompute
-    stops once the last tensor backward needs is rebuilt, which skips each block's final matmul and
-    residual add. ``"checkpoint-full"`` turns early stop off and ``"checkpoint-reentrant"`` is the
-    classic reentrant form; both recompute each block whole, as BDIA must (its rebuild of x_{k-1}
-    needs the block's full output).
-    """
-
-    def __init__(self, encoder: nn.TransformerEncoder, method: str):
-        super().__init__()
-        self.layers = encoder.layers
-        self.early_stop = method == "checkpoint"
-        self.reentrant = method == "checkpoint-reentrant"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with checkpoint.set_checkpoint_early_stop(self.early_stop):
-            for layer in self.layers:
-                x = checkpoint.checkpoint(layer, x, use_reentrant=self.reentrant)
-        return x
 
 
 def build(method: str, layers: int) -> tuple[nn.Module, torch.Tensor]:
@@ -64,8 +39,8 @@ def build(method: str, layers: int) -> tuple[nn.Module, torch.Tensor]:
     layer = nn.TransformerEncoderLayer(D, HEADS, 4 * D, dropout=0.0, batch_first=True, norm_first=True)
     model = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
     x = torch.randn(B, T, D)
-    if method.startswith("checkpoint"):
-        model = Checkpointed(model, method)
+    if method.startswith("checkpoint"):  # the block forms of bdia_fx.memory.checkpoint_blocks
+        model = checkpoint_blocks(model, bdia_fx.find_chains(model, (x,)), method)
     elif method.startswith("bdia"):
         mode = "stored" if method == "bdia-stored" else "reversible"
         config = bdia_fx.BDIAConfig(mode=mode, verify=method != "bdia-no-verify")

@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 import bdia_fx
-
-from output import write_json
+from bdia_fx.report import write_json
 
 
 def build(layers: int, embd: int):

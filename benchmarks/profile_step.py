@@ -15,8 +15,9 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from bdia_fx.report import write_json
+
 from memory import build, step
-from output import write_json
 
 FIXED_POINT_OPS = {
     "aten::round_", "aten::aminmax", "aten::__rshift__", "aten::bitwise_and_", "aten::addcmul_", "aten::mul_",

@@ -22,8 +22,9 @@ from torch import nn
 from tqdm import tqdm
 
 import bdia_fx
+from bdia_fx.report import write_json
 
-from paired import VARIANTS, PairedDifference, make_variant, plot_curves, write_json
+from paired import VARIANTS, PairedDifference, make_variant, plot_curves
 
 
 def load_text() -> tuple[str, list[str]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import statistics
 from collections.abc import Callable, Iterator
@@ -146,8 +145,3 @@ def _figure(path: Path, xlabel: str, ylabel: str, title: str) -> Iterator:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def write_json(result: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))

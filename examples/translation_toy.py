@@ -24,8 +24,9 @@ from torch import nn
 from tqdm import tqdm
 
 import bdia_fx
+from bdia_fx.report import write_json
 
-from paired import VARIANTS, PairedDifference, make_variant, plot_curves, write_json
+from paired import VARIANTS, PairedDifference, make_variant, plot_curves
 
 PAD, BOS, EOS = 0, 1, 2
 SPECIALS = ["<pad>", "<s>", "</s>"]

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 import bdia_fx
+from bdia_fx.report import write_json
 
 from paired import (
     VARIANTS,
@@ -31,7 +32,6 @@ from paired import (
     memory_by_depth,
     plot_curves,
     plot_memory_by_depth,
-    write_json,
 )
 
 VALIDATION_SIZE = 500

@@ -1,14 +1,13 @@
 """Capture a module as an ATen graph with module paths, via ``torch.export(strict=False)``.
 
 ``torch.fx.symbolic_trace`` fails on transformers-5 models; non-strict export works on every
-family measured (docs/design.md, "Capture for analysis, run eagerly") and records each node's module path in
-``node.meta["nn_module_stack"]``. The captured program is used for analysis only.
+family measured (docs/design.md, "One plan, two front doors") and records each node's module path in
+``node.meta["nn_module_stack"]``. The passes analyse and plan from the captured program.
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,8 +37,7 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = 
             module="",
         )
     try:
-        with training_mode(model, True), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with training_mode(model, True):  # the model's own warnings show, as in any call of it
             return torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False)
     except ConversionError:
         raise

@@ -210,7 +210,8 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module) -> 
     """Find the residual chains of ``model`` in its exported program ``ep`` (training mode)."""
     graph = ep.graph
     sig = ep.graph_signature
-    params = set(sig.inputs_to_parameters) | set(sig.inputs_to_buffers) | set(sig.inputs_to_lifted_tensor_constants)
+    params = (set(sig.inputs_to_parameters) | set(sig.inputs_to_buffers) | set(sig.inputs_to_lifted_tensor_constants)
+              | set(getattr(sig, "inputs_to_lifted_custom_objs", {})))  # a block's own state, not a side input
     mutated_buffers = set(getattr(sig, "buffers_to_mutate", {}).values())
     report = ChainReport(model=type(model).__name__)
     claimed: list[str] = []  # block paths of accepted or rejected chains; nested containers skip

@@ -1,79 +1,62 @@
 """Reverse pass: turn the rewritten graph's BDIA chain nodes back into the γ = 0 block chain.
 
 It is the inverse of :func:`bdia_fx.passes.rewrite.rewrite_chains` and touches only the nodes
-that pass created (found by ``node.meta[CHAIN_META_KEY]`` / ``node.meta[QUANT_META_KEY]``). Each
-
-    %x0    = call_function[bdia_fx.fixed_point.quantize](%stream_in, frac_bits)
-    %chain = call_module[target=<container>](%x0, *side_inputs, ...)
-
-becomes the standard chain x_{k+1} = x_k + h_k(x_k), one node per block,
-
-    %blocks_0 = call_module[target=<container>.0](%stream_in, *block_0_side_inputs)
-    %blocks_1 = call_module[target=<container>.1](%blocks_0, *block_1_side_inputs)  ...
-
-and, with ``quantize=True``, a ``quantize`` node on the chain input and after every block
-(x_0 = Q[x_in], x_{k+1} = Q[f_k(x_k)]). New nodes carry ``node.meta[REVERT_META_KEY] =
-(container, index)`` (index ``None`` for quantize nodes).
+that pass created (found by ``node.meta[CHAIN_META_KEY]`` / ``node.meta[QUANT_META_KEY]``). From
+the same plan, each chain node becomes its blocks' own operations again, x_{k+1} = x_k + h_k(x_k)
+— the captured graph as it was — and, with ``quantize=True``, a ``quantize`` node on the chain
+input and after every block (x_0 = Q[x_in], x_{k+1} = Q[f_k(x_k)]). The result runs: same inputs,
+same outputs, the model's own parameters. Copied block nodes carry ``node.meta[REVERT_META_KEY] =
+(container, index)``; quantize nodes ``(container, None)``.
 """
 
 from __future__ import annotations
 
-from torch import fx, nn
+from torch import fx
 
 from bdia_fx.errors import ConversionError
 from bdia_fx.fixed_point import quantize as quantize_fn
-from bdia_fx.passes.rewrite import CHAIN_META_KEY, QUANT_META_KEY, graph_module, safe_name
-from bdia_fx.report import ChainInfo
+from bdia_fx.passes.plan import ModelPlan, copy_graph, owned_graph_module
+from bdia_fx.passes.rewrite import CHAIN_META_KEY, QUANT_META_KEY, safe_name
 
 REVERT_META_KEY = "bdia_reverted"
 
 
-def chain_nodes(graph: fx.Graph) -> list[fx.Node]:
-    """The chain nodes the rewrite pass created, in graph order."""
-    return [n for n in graph.nodes if CHAIN_META_KEY in n.meta]
+def revert_chains(gm: fx.GraphModule, plan: ModelPlan, quantize: bool, frac_bits: int) -> fx.GraphModule:
+    """A copy of the rewritten graph ``gm`` with every BDIA chain node replaced by its γ = 0 block chain.
 
-
-def revert_chains(gm: fx.GraphModule, root: nn.Module, quantize: bool, frac_bits: int) -> fx.GraphModule:
-    """A copy of ``gm``'s graph with every BDIA chain node replaced by its γ = 0 block chain.
-
-    ``root`` supplies the block modules the new ``call_module`` nodes refer to. Raises
-    :class:`ConversionError` if ``gm`` has no chain node (it was not made by the rewrite pass).
+    Raises :class:`ConversionError` if ``gm`` has no chain node (it was not made by the rewrite pass).
     """
-    if not chain_nodes(gm.graph):
+    chains = {chain.container: chain for chain in plan.chains}
+    if not any(CHAIN_META_KEY in n.meta for n in gm.graph.nodes):
         raise ConversionError("the graph has no bdia_chain node: it was not produced by bdia_fx.convert", module="")
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
+    graph = copy_graph(gm.graph)
+    env: dict[str, fx.Node] = {}  # by name: the rewritten graph's untouched nodes keep the captured names
     for node in gm.graph.nodes:
         if QUANT_META_KEY in node.meta:
-            env[node] = graph.node_copy(node, lambda n: env[n]) if quantize else env[node.args[0]]
+            x_in = env[node.args[0].name]
+            env[node.name] = _quantized(graph, x_in, node.meta[QUANT_META_KEY], frac_bits, "x0") if quantize else x_in
         elif CHAIN_META_KEY in node.meta:
-            env[node] = _emit_chain(graph, node.meta[CHAIN_META_KEY], env[node.args[0]], _sides_by_name(node, env),
-                                    quantize, frac_bits)
+            chain = chains[node.meta[CHAIN_META_KEY].container]
+            sides = {side.name: env[arg.name] for side, arg in zip(chain.side_inputs, node.args[1:])}
+            x = env[node.args[0].name]
+            for index, block in enumerate(chain.blocks):
+                inner: dict[str, fx.Node] = {**env, **sides, block.stream_in.name: x}
+                for original in block.nodes:
+                    copied = graph.node_copy(original, lambda n, _inner=inner: _inner[n.name])
+                    copied.meta[REVERT_META_KEY] = (chain.container, index)
+                    inner[original.name] = copied
+                x = inner[block.stream_out.name]
+                if quantize:
+                    x = _quantized(graph, x, chain.container, frac_bits, safe_name(block.path))
+            env[node.name] = x
         else:
-            env[node] = graph.node_copy(node, lambda n: env[n])
+            env[node.name] = graph.node_copy(node, lambda n: env[n.name])
     graph.lint()
-    return graph_module(graph, "BDIARevertedGraph", root, gm)
+    return owned_graph_module(graph, "BDIARevertedGraph", gm)
 
 
-def _sides_by_name(chain_node: fx.Node, env: dict[fx.Node, fx.Node]) -> dict[str, fx.Node]:
-    chain: ChainInfo = chain_node.meta[CHAIN_META_KEY]
-    return {side.node: env[arg] for side, arg in zip(chain.side_inputs, chain_node.args[1:])}
-
-
-def _emit_chain(graph: fx.Graph, chain: ChainInfo, x: fx.Node, sides: dict[str, fx.Node], quantize: bool,
-                frac_bits: int) -> fx.Node:
-    for index, block in enumerate(chain.blocks):
-        x = graph.call_module(block.path, (x, *(sides[s.node] for s in block.side_inputs)))
-        x.name = safe_name(block.path)
-        x.meta[REVERT_META_KEY] = (chain.container, index)
-        if quantize:
-            x = graph.call_function(quantize_fn, (x, frac_bits))
-            x.name = f"quantize_{safe_name(block.path)}"
-            x.meta[REVERT_META_KEY] = (chain.container, None)
-    return x
-
-
-def reverted_blocks(gm: fx.GraphModule) -> list[tuple[str, int, str]]:
-    """``(container, index, block path)`` of every block node the reverse pass emitted."""
-    return [(n.meta[REVERT_META_KEY][0], n.meta[REVERT_META_KEY][1], n.target) for n in gm.graph.nodes
-            if n.meta.get(REVERT_META_KEY, (None, None))[1] is not None]
+def _quantized(graph: fx.Graph, x: fx.Node, container: str, frac_bits: int, label: str) -> fx.Node:
+    node = graph.call_function(quantize_fn, (x, frac_bits))
+    node.name = f"quantize_{label}"
+    node.meta[REVERT_META_KEY] = (container, None)
+    return node

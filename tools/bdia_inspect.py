@@ -22,7 +22,6 @@ import argparse
 import ast
 import importlib
 import inspect
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from torch import nn
 import bdia_fx
 from bdia_fx.conversion import captured_graph
 from bdia_fx.errors import ConversionError
-from bdia_fx.report import graph_summary
+from bdia_fx.report import graph_summary, write_json
 
 TORCH_MODELS = ("transformer-encoder", "transformer")
 
@@ -276,8 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bdia-inspect: cannot convert: {str(error).splitlines()[0]}", file=sys.stderr)
         return 1
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+        write_json(result, args.json)
     return 0
 
 

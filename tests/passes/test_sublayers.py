@@ -1,4 +1,4 @@
-"""The sublayer pass: a block's exported graph cut at its residual adds, and each step run alone."""
+"""Sublayer steps: a block call's exported graph cut at its residual adds, each step a graph run alone."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from torch.utils._pytree import tree_flatten
 
 import bdia_fx
 from bdia_fx.calls import StreamSlots
-from bdia_fx.passes.sublayers import plan_block_call
+from bdia_fx.passes.plan import plan_block_call
 
 from models import encoder
 
@@ -21,16 +21,17 @@ def test_pre_ln_block_splits_into_attention_and_mlp_steps_that_match_eager():
     torch.manual_seed(0)
     layers = encoder(2, dropout=0.0).layers
     x = torch.randn(2, 5, 32)
-    plan, rebuild = _plan(layers[0], x)
-    assert len(plan) == 2 and plan.random == [False, False]
-    assert all(b.target == torch.ops.aten.add.Tensor for b in plan.boundaries)
-    ops = [{str(n.target) for n in step} for step in plan.steps]
+    steps, rebuild = _plan(layers[0], x)
+    assert len(steps) == 2 and [s.random for s in steps] == [False, False]
+    assert [s.end for s in steps] == ["add", "add_1"]
+    ops = [{str(n.target) for n in step.graph_module.graph.nodes} for step in steps]
     assert "aten.scaled_dot_product_attention.default" in ops[0] and "aten.relu.default" not in ops[0]
     assert "aten.relu.default" in ops[1] and "aten.scaled_dot_product_attention.default" not in ops[1]
-    for layer in layers:  # one plan serves every block with that graph: parameters are bound per call
+    assert "self_attn.in_proj_weight" in steps[0].parameters and "linear1.weight" in steps[1].parameters
+    for layer in layers:  # the same steps serve every block with that graph: parameters are bound per call
         with torch.no_grad():
-            y = plan.run_step(0, layer, [None], x)
-            z = plan.run_step(1, layer, [None], y)
+            y = steps[0](layer, x, [])
+            z = steps[1](layer, y, [])
             want_y = x + layer._sa_block(layer.norm1(x), None, None)
             assert torch.equal(y, want_y)
             assert torch.equal(z, want_y + layer._ff_block(layer.norm2(want_y)))
@@ -71,13 +72,13 @@ class _WithDropout(nn.Module):
 
 
 def test_parallel_residual_block_stays_one_step():
-    plan, _ = _plan(_Parallel(), torch.randn(3, 8))
-    assert len(plan) == 1
+    steps, _ = _plan(_Parallel(), torch.randn(3, 8))
+    assert len(steps) == 1
 
 
 def test_only_the_random_sublayer_is_marked_random():
-    plan, _ = _plan(_WithDropout().train(), torch.randn(3, 8))
-    assert plan.random == [False, True]
+    steps, _ = _plan(_WithDropout().train(), torch.randn(3, 8))
+    assert [s.random for s in steps] == [False, True]
 
 
 def test_a_branch_reading_an_older_stream_value_is_refused_naming_the_add():

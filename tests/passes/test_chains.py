@@ -1,11 +1,8 @@
-"""The chain-finding and rewrite passes on captured graphs."""
+"""The chain-finding pass on captured graphs."""
 
 import torch
 
 import bdia_fx
-from bdia_fx.conversion import state_of
-from bdia_fx.fixed_point import quantize
-from bdia_fx.passes import CHAIN_META_KEY
 
 from models import encoder, gpt2, llama, neox, vit
 
@@ -31,19 +28,6 @@ def test_rejections_are_reported_with_module_and_reason():
     (rejection,) = report.rejections
     assert rejection.module == "layers.0" and "post-LN" in rejection.reason
     assert "rejected" in str(report)
-
-
-def test_rewritten_graph_has_one_chain_node_with_its_quantize_node():
-    conv = bdia_fx.convert(encoder(4), (torch.randn(2, 5, 32),))
-    graph = state_of(conv).graph.graph
-    chain_nodes = [n for n in graph.nodes if CHAIN_META_KEY in n.meta]
-    assert len(chain_nodes) == 1
-    (node,) = chain_nodes
-    assert node.op == "call_module" and node.target == "layers"
-    assert node.args[0].target is quantize
-    assert node.kwargs["blocks"] == ["layers.0", "layers.1", "layers.2", "layers.3"]
-    assert not any("layers.1" in str(n.meta.get("nn_module_stack", "")) for n in graph.nodes)
-    assert "bdia_chain_layers" in str(graph)
 
 
 def test_dropout_with_p_zero_is_not_random():
