@@ -1,5 +1,8 @@
 """The chain-finding pass on captured graphs."""
 
+import subprocess
+import sys
+
 import torch
 
 import bdia_fx
@@ -45,3 +48,11 @@ def test_llama_blocks_read_rotary_tables_and_neox_blocks_are_parallel_residual()
     (chain,) = bdia_fx.find_chains(neox(2), (ids,), {"use_cache": False}).chains
     assert chain.block_paths == ("gpt_neox.layers.0", "gpt_neox.layers.1")
     assert all(b.random for b in chain.blocks)
+
+
+def test_the_passes_import_no_part_of_the_runtime():
+    code = ("import sys, bdia_fx.passes\n"
+            "loaded = sorted(m for m in sys.modules if m.startswith('bdia_fx'))\n"
+            "assert not {'bdia_fx.runtime', 'bdia_fx.frame', 'bdia_fx.conversion'} & set(loaded), loaded\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
