@@ -96,21 +96,24 @@ def gamma_of(sign: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return 0.5 * sign.to(dtype)
 
 
+def update_coefficient(sign: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """(1+γ)·2^l for γ = sign/2, in ``dtype``: the scale of the block output in the update codes."""
+    return (1.0 + gamma_of(sign, dtype)).mul_(2.0**frac_bits)
+
+
 def update_codes(f: torch.Tensor, x_codes: torch.Tensor | None, sign: torch.Tensor | None,
-                 frac_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes of Q[v] for v = (1+γ)f − 2γx (v = f for the first step: ``sign`` None), and the range
-    of the rounded term.
+                 coefficient: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes of Q[v] for v = (1+γ)f − 2γx (v = f for the first step: ``sign`` None, ``coefficient``
+    2^l), and the range of the rounded term; ``coefficient`` is :func:`update_coefficient`.
 
     2γx = ±x lies on the grid, so Q[v] is taken as Q[(1+γ)f] − 2γx: one rounding of the block's
     output, then integer arithmetic, ``round((1+γ)·2^l·f) − sign·code(x)`` (the same as rounding v
     itself but at exact half-code ties, which round half to even on (1+γ)f; forward and recompute
     use this one formula, which is what exactness needs).
     """
-    scaled = f.to(compute_dtype(f.dtype)).mul(2.0**frac_bits)
+    b, stats = _round(f.to(compute_dtype(f.dtype)) * coefficient)
     if sign is None:
-        return _round(scaled)
-    scaled.mul_(1.0 + gamma_of(sign, scaled.dtype))
-    b, stats = _round(scaled)
+        return b, stats
     return b.addcmul_(x_codes, sign, value=-1), stats
 
 

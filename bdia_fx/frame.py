@@ -56,9 +56,10 @@ def recomputing() -> Iterator[None]:
 class GammaDraw:
     """γ = sign/2 per sample for every step of one chain call, drawn from one seed.
 
-    Step k's signs come from a generator on the stream's device seeded with ``seed + k``, and are
-    drawn again whenever a step needs them (forward, and again in backward), so a chain keeps 8
-    bytes for γ, nothing per block, and no host-to-device copy happens. The seed is drawn from
+    Step k's signs come from a generator on the stream's device seeded with ``seed + k`` (no
+    host-to-device copy); they are kept from the step's forward until its backward is done (B bytes
+    per step, with the step's update coefficient), and a retained graph's second backward draws them
+    again from the seed. The seed is drawn from
     torch's global (CPU) generator, and under ``torch.distributed`` offset by rank × 0x9E3779B9
     (the CPU generator reads the low 32 bits of a seed; this spreads ranks over them, far from the
     step offsets k), so that every rank of DDP or FSDP draws its own γ from the same global seed:
@@ -73,6 +74,7 @@ class GammaDraw:
         self.shape = [self.batch if d == batch_dim else 1 for d in range(x.dim())]
         self.seed = (int(torch.randint(2**62, ())) + _rank() * _RANK_STRIDE) % 2**62 if len(self.signs) > 1 else 0
         self._drawn: dict[int, torch.Tensor] = {}
+        self._derived: dict[tuple, torch.Tensor] = {}  # γ and update coefficients of the drawn steps
 
     def sign(self, k: int) -> torch.Tensor:
         """Step k's signs (int8 ±1), shaped to broadcast over the stream."""
@@ -89,10 +91,25 @@ class GammaDraw:
 
     def gamma(self, k: int) -> torch.Tensor:
         """Step k's γ in the stream dtype, shaped to broadcast over the stream."""
-        return fp.gamma_of(self.sign(k), self.dtype)
+        if ("gamma", k) not in self._derived:
+            self._derived["gamma", k] = fp.gamma_of(self.sign(k), self.dtype)
+        return self._derived["gamma", k]
+
+    def coefficient(self, k: int, frac_bits: int) -> torch.Tensor:
+        """Step k's (1+γ)·2^l in the dtype codes are rounded in (see :func:`fixed_point.update_coefficient`)."""
+        if ("coefficient", k) not in self._derived:
+            self._derived["coefficient", k] = fp.update_coefficient(
+                self.sign(k), frac_bits, fp.compute_dtype(self.dtype))
+        return self._derived["coefficient", k]
 
     def release(self, k: int) -> None:
+        """Step k is done backward: forget what was drawn for it."""
         self._drawn.pop(k, None)
+        self._derived.pop(("gamma", k), None)
+        self._derived.pop(("coefficient", k), None)
+
+    def held_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self._drawn.values(), *self._derived.values()))
 
 
 _RANK_STRIDE = 0x9E3779B9  # odd, 2^32 / golden ratio: ranks land far apart in a seed's low 32 bits
@@ -202,8 +219,10 @@ class ChainFrame:
 
     def make_update(self, k: int, f: torch.Tensor, x_codes: torch.Tensor, direction: str) -> torch.Tensor:
         """Codes of Q[v_k] from the step's output ``f`` and the codes of its input."""
-        sign = self.gammas.sign(k) if k > 0 else None
-        b, stats = fp.update_codes(f, x_codes, sign, self.frac_bits)
+        if k == 0:
+            b, stats = fp.update_codes(f, None, None, 2.0**self.frac_bits)
+        else:
+            b, stats = fp.update_codes(f, x_codes, self.gammas.sign(k), self.gammas.coefficient(k, self.frac_bits))
         if self.verify:  # a recompute that differs is named before its consequences (its range)
             (self.checks.forward_sum if direction == "forward" else self.checks.backward_sum)(k, b)
         self.checks.record_range(direction, "update", k, stats)
@@ -259,6 +278,6 @@ class ChainFrame:
     # ---------------------------------------------------------------- measurement
     def unsaved_bytes(self) -> int:
         """Bytes the call keeps outside autograd's saved tensors: checkpoint's RNG states of random
-        steps (reversible calls), the checksums, and the 8-byte γ seed."""
+        steps (reversible calls), the checksums, the γ signs and coefficients, and the 8-byte γ seed."""
         rng = torch.get_rng_state().numel() * sum(step.random for step in self.steps) if self.reversible else 0
-        return rng + sum(s.numel() * s.element_size() for s in self.checks.sums.values()) + 8
+        return rng + sum(s.numel() * s.element_size() for s in self.checks.sums.values()) + self.gammas.held_bytes() + 8

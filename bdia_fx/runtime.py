@@ -388,7 +388,6 @@ class ChainRuntime:
         else:
             link = step(anchor)
         out = _StreamUpdate.apply(frame.prev, link, frame, k, last)
-        frame.gammas.release(k)  # drawn again in backward
         frame.prev, frame.stream = x, None
         return out
 

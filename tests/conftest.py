@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 SLOW_FILES = {"test_examples.py", "test_readme.py", "test_bdia_inspect.py"}
 
@@ -14,3 +15,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if Path(str(item.fspath)).name in SLOW_FILES:
             item.add_marker(pytest.mark.slow)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="no CUDA device"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """Run a test on the CPU and, where a CUDA device exists, on it too (the same test)."""
+    return torch.device(request.param)

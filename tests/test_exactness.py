@@ -9,10 +9,10 @@ from bdia_fx import BDIAConfig
 from models import PythonRandomBlock, Stack, TinyGPT, gpt2
 
 
-def test_every_rebuilt_input_is_bit_exact_with_dropout():
+def test_every_rebuilt_input_is_bit_exact_with_dropout(device):
     torch.manual_seed(0)
-    model = TinyGPT(layers=12, dropout=0.2)
-    ids = torch.randint(0, 50, (3, 10))
+    model = TinyGPT(layers=12, dropout=0.2).to(device)
+    ids = torch.randint(0, 50, (3, 10), device=device)
     report = bdia_fx.check_exactness(bdia_fx.convert(model, (ids,)), (ids,))
     assert report.exact and len(report.blocks) == 11  # x_10 … x_0
     assert [b.block for b in report.blocks] == [f"blocks.{k}" for k in range(11)]

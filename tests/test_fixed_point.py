@@ -84,6 +84,7 @@ def test_update_codes_are_q_of_v_with_one_rounding(codes, f_seed, sign):
     y = (1+γ)·2^l·f, with no float rounding of the x term (checked in float64, where it is exact)."""
     x_codes = torch.tensor(codes, dtype=torch.int32)
     f = torch.randn(x_codes.shape, generator=torch.Generator().manual_seed(f_seed)) * 100
-    b, _ = fp.update_codes(f, x_codes, torch.full_like(x_codes, sign, dtype=torch.int8), 9)
+    signs = torch.full_like(x_codes, sign, dtype=torch.int8)
+    b, _ = fp.update_codes(f, x_codes, signs, fp.update_coefficient(signs, 9, torch.float32))
     y = f * 2**9 * (1 + sign / 2)
     assert torch.equal(b.double(), torch.round(y).double() - sign * x_codes.double())

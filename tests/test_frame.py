@@ -3,6 +3,8 @@ streams, calls without autograd, the meta device, higher-order gradients and ``i
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -102,20 +104,30 @@ def _count_host_reads(monkeypatch):
     return counts
 
 
-def test_a_training_step_reads_the_device_once_per_chain_and_direction(monkeypatch):
+def test_a_training_step_reads_the_device_once_per_chain_and_direction(monkeypatch, device):
     """Range and checksum results stay on the device; the host reads them at the end of the chain's
-    forward and at the end of its backward (two chains: four reads), however deep the chains are."""
+    forward and at the end of its backward (two chains: four reads), however deep the chains are. On
+    CUDA, torch's sync debug mode also counts implicit synchronisations: none beyond those reads."""
     torch.manual_seed(0)
-    src, tgt = torch.randn(2, 7, 32), torch.randn(2, 5, 32)
+    src, tgt = torch.randn(2, 7, 32, device=device), torch.randn(2, 5, 32, device=device)
     layer_kw = dict(d_model=32, nhead=4, dim_feedforward=64, dropout=0.1, batch_first=True, norm_first=True)
     for layers in (2, 6):
-        model = nn.Transformer(num_encoder_layers=layers, num_decoder_layers=layers, **layer_kw)
+        model = nn.Transformer(num_encoder_layers=layers, num_decoder_layers=layers, **layer_kw).to(device)
         conv = bdia_fx.convert(model, (src, tgt)).train()
         conv(src, tgt).sum().backward()  # warm-up
         counts = _count_host_reads(monkeypatch)
-        conv(src, tgt).sum().backward()
+        with warnings.catch_warnings(record=True) as synced:
+            warnings.simplefilter("always")
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                conv(src, tgt).sum().backward()
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.set_sync_debug_mode("default")
         monkeypatch.undo()
         assert counts["n"] == 4
+        assert sum("synchronizing" in str(w.message) for w in synced) <= 4
 
 
 @pytest.mark.parametrize("no_autograd", [torch.no_grad, torch.inference_mode])

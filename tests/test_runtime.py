@@ -18,11 +18,11 @@ from references import L, Q, bdia_chain
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_reversible_gradients_equal_stored_reference(case):
+def test_reversible_gradients_equal_stored_reference(case, device):
     make, make_args, kwargs = CASES[case]
     torch.manual_seed(0)
-    model = make()
-    args = make_args()
+    model = make().to(device)
+    args = tuple(a.to(device) for a in make_args())
     x_grad = args[0].is_floating_point()
     if x_grad:
         args = (args[0].requires_grad_(),)
@@ -209,14 +209,14 @@ def test_sublayer_backward_rebuilds_every_step_input_bit_exactly():
     assert report.blocks[0].block == "blocks.0 (sublayer 0)"
 
 
-def test_cpu_autocast_recompute_matches_stored_and_rebuilds_exactly():
+def test_autocast_recompute_matches_stored_and_rebuilds_exactly(device):
     """Checkpoint re-enters the forward's autocast state for the recompute: bf16 block math, float32 stream."""
     torch.manual_seed(4)
-    model = TinyGPT(layers=4, dropout=0.1)
-    ids = torch.randint(0, 50, (2, 8))
+    model = TinyGPT(layers=4, dropout=0.1).to(device)
+    ids = torch.randint(0, 50, (2, 8), device=device)
     rev = bdia_fx.convert(model, (ids,), config=BDIAConfig(verify=True))
     ref = bdia_fx.convert(model, (ids,), config=BDIAConfig(mode="stored"))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         loss_r, g_rev = grads(rev, (ids,), {}, 9, mean_square_loss)
         loss_s, g_ref = grads(ref, (ids,), {}, 9, mean_square_loss)
         report = bdia_fx.check_exactness(rev, (ids,))
