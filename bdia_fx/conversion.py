@@ -56,6 +56,7 @@ class ConvertedState:
     patterns: set = dataclasses.field(default_factory=set)
     hook_id: int | None = None  # the root forward pre-hook that plans and checks call patterns
     takes_use_cache: bool = False  # an HF-style forward(use_cache=...): training calls get use_cache=False
+    strict: bool = True  # refuse the model if any chain is refused (False: convert the others, keep those)
     warned: set[str] = dataclasses.field(default_factory=set)  # the one-time warnings already logged
 
     def __getstate__(self) -> dict:
@@ -130,7 +131,7 @@ def find_chains(model: nn.Module, example_inputs: tuple | torch.Tensor = (),
 
 
 def convert(model: nn.Module, example_inputs: tuple | torch.Tensor = (), example_kwargs: dict | None = None,
-            config: BDIAConfig | None = None) -> nn.Module:
+            config: BDIAConfig | None = None, *, strict: bool = True) -> nn.Module:
     """Return a BDIA-training version of ``model`` sharing its parameters.
 
     The result has ``model``'s class, call signature, outputs and ``state_dict()`` keys. In
@@ -139,7 +140,9 @@ def convert(model: nn.Module, example_inputs: tuple | torch.Tensor = (), example
     ``config.quantize_eval``). With example inputs the chains are found and checked now; without,
     at the first call. ``example_inputs`` is a tuple of positional arguments (a single tensor is
     taken as one). Raises :class:`ConversionError` naming the module/node and the reason, before
-    anything is changed; ``model`` itself is never modified.
+    anything is changed; ``model`` itself is never modified. With ``strict=False`` a refused chain
+    (a post-LN stack beside a pre-LN one, a block with a tap) is kept running as it is and every
+    other chain is converted; :func:`report_of` lists both, the refused ones with the reason.
     """
     _check_module(model)
     if is_converted(model):
@@ -149,7 +152,7 @@ def convert(model: nn.Module, example_inputs: tuple | torch.Tensor = (), example
         raise TypeError(f"config must be a BDIAConfig, got {type(config).__name__}")
     example_inputs = _as_args(example_inputs)
     clone = shallow_clone(model)
-    state = ConvertedState(config, takes_use_cache=hf.takes_use_cache(model))
+    state = ConvertedState(config, takes_use_cache=hf.takes_use_cache(model), strict=strict)
     clone.__dict__[_STATE_ATTR] = state
     clone.__dict__["extra_repr"] = ConvertedRepr(clone)
     if example_inputs or example_kwargs:
@@ -219,7 +222,11 @@ def _plan(model: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) ->
     logger.info("%s: captured the training call %s in %.2f s: %s", type(model).__name__, describe_call(args, kwargs),
                 time.perf_counter() - start, ", ".join(f"chain '{c.container}' of {len(c.blocks)} blocks"
                                                        for c in report.chains) or "no chain")
-    _refuse_if_unconvertible(report)
+    _refuse_if_unconvertible(report, state.strict)
+    if report.rejections and "refused chains" not in state.warned:
+        state.warned.add("refused chains")
+        logger.warning("%s: strict=False: %s kept as they are (not reversible): %s", type(model).__name__,
+                       len(report.rejections), "; ".join(f"'{r.container}': {r.reason}" for r in report.rejections))
     if state.config.granularity == "sublayer":
         report = _with_step_ends(report, check_sublayers(ep, report))  # refuses blocks not cut at their adds
     slots = {chain.container: stream_slots(chain.block_paths, calls) for chain in report.chains}
@@ -291,12 +298,13 @@ def _plan_sublayers(block: nn.Module, original: type, leaves: list, spec: Any, s
     return plan
 
 
-def _refuse_if_unconvertible(report: ChainReport) -> None:
-    if report.rejections:
+def _refuse_if_unconvertible(report: ChainReport, strict: bool) -> None:
+    if report.rejections and (strict or not report.chains):
         first = report.rejections[0]
         more = (f" (and {len(report.rejections) - 1} more; see bdia_fx.find_chains)"
                 if len(report.rejections) > 1 else "")
-        raise ConversionError(first.reason + more, module=first.module, node=first.node)
+        hint = "; convert(..., strict=False) converts the other chains and keeps this one" if report.chains else ""
+        raise ConversionError(first.reason + more + hint, module=first.module, node=first.node)
     if not report.chains:
         ignored = "; ".join(f"'{n}': {why}" for n, why in report.ignored) or "no module with numbered child blocks"
         raise ConversionError(f"no residual block chain found in {report.model} ({ignored})", module="")

@@ -10,6 +10,7 @@ import dataclasses
 import inspect
 import logging
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -25,6 +26,18 @@ from bdia_fx.conversion import is_converted
 from bdia_fx.errors import ExportError
 from bdia_fx.module_tree import infer_batch_dim, is_gamma0_proxy, remove_proxy, shallow_clone
 from bdia_fx.reversal import revert, reverted_info
+
+
+def _gist(error: Exception) -> str:
+    """The line of a torch.onnx error that says what failed: its exception summary if it has one
+    (the first line only says which export step failed), else its first line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # the exporter colours its messages
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if "## Exception summary" in lines[:-1]:
+        return f"{lines[0].split('. ')[0]}: {lines[lines.index('## Exception summary') + 1]}"
+    return lines[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,10 +96,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: tuple
                 program = torch_onnx.export(
                     exported, args, kwargs=kwargs, dynamo=True, verbose=False,
                     dynamic_shapes=_dynamic_shapes(argument_names, axes) if axes else None)
-            except Exception as error:  # the exporter's own errors are long; keep the first line visible
-                raise ExportError(
-                    f"torch.onnx.export failed for {type(model).__name__}: "
-                    f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}") from error
+            except Exception as error:  # the exporter's own errors are long; keep their gist visible
+                raise ExportError(f"torch.onnx.export failed for {type(model).__name__} (the reverted model runs "
+                                  f"the model's own code): {_gist(error)}") from error
             program.save(tmp, external_data=False)
         seconds = time.perf_counter() - start
         try:

@@ -88,6 +88,7 @@ class ChainReport:
     chains: list[ChainInfo] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
     ignored: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # how chains were delimited (e.g. a first block left out)
 
     def __str__(self) -> str:
         lines = [f"BDIA chain report for {self.model}"]
@@ -102,10 +103,13 @@ class ChainReport:
                              str(b.n_nodes)))
             lines.extend("    " + line for line in _table(rows))
         if self.rejections:
-            lines.append("  rejected:")
+            lines.append("  refused (not converted):")
             for r in self.rejections:
                 node = f", node '{r.node}'" if r.node else ""
                 lines.append(f"    '{r.container}' (module '{r.module}'{node}): {r.reason}")
+        if self.notes:
+            lines.append("  notes:")
+            lines.extend(f"    {note}" for note in self.notes)
         if self.ignored:
             lines.append("  not chains (left as they are):")
             lines.extend(f"    '{name}': {why}" for name, why in self.ignored)

@@ -49,6 +49,7 @@ class _BlockScan:
     skip_path: tuple[fx.Node, ...] = ()
     problem: tuple[str | None, str] | None = None  # (node name, reason)
     residual_like: bool = False  # a residual block BDIA refuses (post-LN, in-place), not a non-block
+    shared: tuple[fx.Node, ...] = ()  # values made from side inputs only, passed out for later blocks
 
 
 def _module_paths(node: fx.Node) -> set[str]:
@@ -153,12 +154,20 @@ def _scan_block(path: str, nodes: list[fx.Node], params: set[str], want: fx.Node
         scan.problem = (node.name, f"block modifies its input '{node.args[0].name}' in place ({node.target}, node "
                         f"'{node.name}'); a recompute would read the modified value. Modify a copy inside the block")
         return scan
+    if len(outputs) > 1:
+        stream_out, others, independent = _split_outputs(outputs, members, inputs, want)
+        if stream_out is not None and independent:
+            scan.stream_out, scan.shared = stream_out, others
+            scan.problem = (stream_out.name, "block computes values from side inputs only and passes them out to the "
+                            f"later blocks ({', '.join(n.name for n in others)}; e.g. T5's position bias)")
+            return scan
+        scan.residual_like = stream_out is not None  # a residual block with a tap on its stream
     if len(outputs) != 1:
         names = ", ".join(n.name for n in outputs) or "none"
         scan.problem = (
             outputs[-1].name if outputs else None,
             f"block passes {len(outputs)} values out ({names}); only the residual stream may leave a block "
-            "(returned caches, attention weights or values shared with later blocks)",
+            "(returned caches, attention weights or values computed from the stream)",
         )
         return scan
     out = outputs[0]
@@ -195,6 +204,32 @@ def _scan_block(path: str, nodes: list[fx.Node], params: set[str], want: fx.Node
     return scan
 
 
+def _split_outputs(outputs: list[fx.Node], members: set[fx.Node], inputs: list[fx.Node],
+                   want: fx.Node | None) -> tuple[fx.Node | None, tuple[fx.Node, ...], bool]:
+    """A block's several outputs as (the one residual add on a block input, or None; the others;
+    whether none of the others depends on that input: values made for later blocks, not taps)."""
+    streams = [(out, hit[0]) for out in outputs if (hit := _find_skip_path(out, members, inputs, want)) is not None]
+    if len(streams) != 1:
+        return None, tuple(outputs), False
+    stream_out, stream_in = streams[0]
+    others = tuple(out for out in outputs if out is not stream_out)
+    return stream_out, others, not any(_depends_on(out, stream_in, members) for out in others)
+
+
+def _depends_on(node: fx.Node, source: fx.Node, members: set[fx.Node]) -> bool:
+    """Whether ``node`` is computed from ``source`` within ``members``."""
+    frontier, seen = [node], set()
+    while frontier:
+        current = frontier.pop()
+        if current is source:
+            return True
+        if current in seen or current not in members:
+            continue
+        seen.add(current)
+        frontier.extend(current.all_input_nodes)
+    return False
+
+
 def _blocks_of(graph: fx.Graph, paths: list[str]) -> dict[str, list[fx.Node]]:
     wanted = set(paths)
     found: dict[str, list[fx.Node]] = {p: [] for p in paths}
@@ -217,7 +252,8 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module) -> 
     claimed: list[str] = []  # block paths of accepted or rejected chains; nested containers skip
     order = {node: i for i, node in enumerate(graph.nodes)}
 
-    for candidate in _candidate_containers(model):
+    candidates = _candidate_containers(model)
+    for candidate in candidates:
         container, paths = candidate.name, candidate.paths
         if any(container == p or container.startswith(p + ".") for p in claimed):
             continue
@@ -236,14 +272,23 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module) -> 
         called.sort(key=lambda p: order[members[p][0]])
         scans: list[_BlockScan] = []
         for path in called:
-            want = scans[-1].stream_out if scans and scans[-1].problem is None else None
+            want = scans[-1].stream_out if scans and (scans[-1].problem is None or scans[-1].shared) else None
             scans.append(_scan_block(path, members[path], params, want))
-        linked = [scans[i].stream_in is not None and scans[i].stream_in is scans[i - 1].stream_out
-                  for i in range(1, len(scans))]
-        residual = [s for s in scans if s.problem is None or s.residual_like]
+        residual = [s for s in scans if s.problem is None or s.residual_like or s.shared]
         if not residual:
             report.ignored.append((container, "its numbered children are not residual blocks"))
             continue
+        if len(residual) < len(scans) and _has_nested_candidate(candidate, candidates):
+            report.ignored.append((container, "not all of its numbered children are residual blocks (stages of "
+                                              "blocks and downsampling?): chains searched one level deeper"))
+            continue
+        if scans[0].shared and len(scans) > 1:  # block 0 makes what the others share: the chain starts after it
+            report.notes.append(f"'{scans[0].path}' runs as it is (not in the chain): it computes "
+                                f"{', '.join(n.name for n in scans[0].shared)} from side inputs for the later blocks")
+            claimed.append(called[0])
+            called, scans = called[1:], scans[1:]
+        linked = [scans[i].stream_in is not None and scans[i].stream_in is scans[i - 1].stream_out
+                  for i in range(1, len(scans))]
         if not candidate.one_class and len(residual) < len(scans):
             report.ignored.append((container, "its numbered children are of different classes "
                                               "and not all residual blocks"))
@@ -277,6 +322,11 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module) -> 
             )
         )
     return report
+
+
+def _has_nested_candidate(candidate: _Container, candidates: list[_Container]) -> bool:
+    """Whether a module with numbered children lies inside one of ``candidate``'s children."""
+    return any(other.name.startswith(path + ".") for other in candidates for path in candidate.paths)
 
 
 def _feeds(scans: list[_BlockScan]) -> bool:

@@ -33,8 +33,9 @@ def revert_chains(gm: fx.GraphModule, plan: ModelPlan, quantize: bool, frac_bits
     env: dict[str, fx.Node] = {}  # by name: the rewritten graph's untouched nodes keep the captured names
     for node in gm.graph.nodes:
         if QUANT_META_KEY in node.meta:
-            x_in = env[node.args[0].name]
-            env[node.name] = _quantized(graph, x_in, node.meta[QUANT_META_KEY], frac_bits, "x0") if quantize else x_in
+            x_in, container = env[node.args[0].name], node.meta[QUANT_META_KEY]
+            env[node.name] = (_quantized(graph, x_in, container, frac_bits, f"x0_{safe_name(container)}")
+                              if quantize else x_in)
         elif CHAIN_META_KEY in node.meta:
             chain = chains[node.meta[CHAIN_META_KEY].container]
             sides = {side.name: env[arg.name] for side, arg in zip(chain.side_inputs, node.args[1:])}

@@ -6,7 +6,7 @@ import torch
 
 from bdia_fx.observe import ChainObserver
 
-from models import TinyGPT, encoder, gpt2, gptj, llama, neox, opt, vit
+from models import TinyGPT, encoder, gpt2, gptj, llama, neox, opt, swin, t5, vit
 
 # name -> (build model, example args, example kwargs): one training call per case
 TRAINING_CASES = {
@@ -20,6 +20,8 @@ TRAINING_CASES = {
     "hf-opt-reshaped-residual": (lambda: opt(3), lambda: (torch.randint(2, 64, (2, 8)),), {"use_cache": False}),
     "hf-gptj-parallel-returns-weights": (lambda: gptj(3),
                                          lambda: (torch.randint(0, 64, (2, 8)),), {"use_cache": False}),
+    "hf-t5-both-stacks-after-block-0": (lambda: t5(3), lambda: _t5_inputs(2, 8), {"use_cache": False}),
+    "hf-swin-one-chain-per-stage": (lambda: swin(), lambda: (torch.randn(2, 3, 32, 32),), {}),
 }
 
 # name -> (build model, inputs of (batch, length), example kwargs): models revert and export
@@ -31,7 +33,15 @@ SIZED_CASES = {
     "tiny-gpt": (lambda: TinyGPT(dropout=0.1), lambda b, t: (torch.randint(0, 50, (b, t)),), {}),
     "gpt2": (lambda: gpt2(3), lambda b, t: (torch.randint(0, 64, (b, t)),), {"use_cache": False}),
     "vit": (lambda: vit(3), lambda b, t: (torch.randn(b, 1, 16, 16),), {}),
+    "t5": (lambda: t5(3), lambda b, t: _t5_inputs(b, t), {"use_cache": False}),
 }
+
+
+def _t5_inputs(batch: int, length: int) -> tuple[torch.Tensor, ...]:
+    """input_ids, attention_mask, decoder_input_ids (positional, as T5ForConditionalGeneration takes them;
+    one length for both, so that export_onnx finds the decoder's sequence axis too)."""
+    return (torch.randint(1, 64, (batch, length)), torch.ones(batch, length, dtype=torch.long),
+            torch.randint(1, 64, (batch, length)))
 
 
 def logits(out):

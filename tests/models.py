@@ -139,3 +139,34 @@ def gptj(layers: int = 3, d: int = 32):
 
     return GPTJForCausalLM(GPTJConfig(vocab_size=64, n_embd=d, n_layer=layers, n_head=4, n_positions=64,
                                       rotary_dim=4, resid_pdrop=0.1, bos_token_id=0, eos_token_id=0))
+
+
+def t5(layers: int = 3, d: int = 32):
+    """Encoder–decoder; block 0 of each stack computes the relative position bias the later blocks
+    share (eager attention: torch.onnx cannot export HF T5's sdpa path, plain or converted)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=64, d_model=d, d_kv=d // 4, d_ff=2 * d, num_layers=layers, num_decoder_layers=layers,
+                   num_heads=4, dropout_rate=0.1, decoder_start_token_id=0, pad_token_id=0)
+    cfg._attn_implementation = "eager"
+    return T5ForConditionalGeneration(cfg)
+
+
+def swin(depths: tuple[int, ...] = (2, 2)):
+    """A hierarchical vision transformer: stages of residual blocks joined by patch merging."""
+    from transformers import SwinConfig, SwinForImageClassification
+
+    return SwinForImageClassification(SwinConfig(image_size=32, patch_size=4, num_channels=3, embed_dim=16,
+                                                 depths=list(depths), num_heads=[2, 4, 8][:len(depths)],
+                                                 window_size=4, num_labels=5, drop_path_rate=0.1))
+
+
+class PreAndPostLN(nn.Module):
+    """A pre-LN encoder stack (convertible) feeding a post-LN one (refused: LN after the add)."""
+
+    def __init__(self, layers: int = 3, d: int = 32):
+        super().__init__()
+        self.pre, self.post = encoder(layers, d, dropout=0.1), encoder(layers, d, norm_first=False, dropout=0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.post(self.pre(x))

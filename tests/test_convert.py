@@ -16,7 +16,7 @@ import bdia_fx
 from bdia_fx import BDIAConfig, ConversionError
 
 from cases import assert_close, grads
-from models import PreLNBlock, ResidualMLP, Stack, TinyGPT, bert, encoder, gpt2
+from models import PreAndPostLN, PreLNBlock, ResidualMLP, Stack, TinyGPT, bert, encoder, gpt2
 
 
 def _snapshot(model):
@@ -271,3 +271,35 @@ def test_by_default_only_warnings_are_printed_once():
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stderr.count("use_cache=True is incompatible with reversible BDIA training") == 1
     assert "captured the training call" not in done.stderr + done.stdout
+
+
+def test_strict_false_converts_the_chains_that_can_be_and_keeps_the_others(caplog, tmp_path):
+    torch.manual_seed(0)
+    model = PreAndPostLN()
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    snap = _snapshot(model)
+    with pytest.raises(ConversionError, match=r"post\.layers\.0.*post-LN.*strict=False\) converts the other chains"):
+        bdia_fx.convert(model, (x,))
+    _assert_untouched(model, snap)
+    with caplog.at_level(logging.WARNING, logger="bdia_fx"):
+        rev = bdia_fx.convert(model, (x,), config=BDIAConfig(verify=True, quantize_eval=False), strict=False)
+    ref = bdia_fx.convert(model, (x,), config=BDIAConfig(mode="stored"), strict=False)
+    _assert_untouched(model, snap)
+    report = bdia_fx.report_of(rev)
+    assert [c.container for c in report.chains] == ["pre.layers"]
+    assert [(r.container, r.module) for r in report.rejections] == [("post.layers", "post.layers.0")]
+    assert "refused (not converted)" in str(report) and "post-LN" in str(report)
+    assert any("strict=False" in r.message and "post.layers" in r.message for r in caplog.records)
+    assert_close(grads(rev, (x,), {}, 3, extra=(x,))[1], grads(ref, (x,), {}, 3, extra=(x,))[1])
+    assert bdia_fx.check_exactness(rev, (x,)).exact
+    model.eval(), rev.eval()
+    with torch.no_grad():
+        assert torch.equal(rev(x), model(x))
+        assert torch.equal(bdia_fx.revert(rev)(x), model(x))
+    exported = bdia_fx.export_onnx(rev, tmp_path / "m.onnx", (torch.randn(2, 5, 32),))
+    assert exported.check.mismatched == 0
+
+
+def test_strict_false_still_refuses_a_model_with_no_convertible_chain():
+    with pytest.raises(ConversionError, match=r"layers\.0.*post-LN"):
+        bdia_fx.convert(encoder(3, norm_first=False), (torch.randn(2, 5, 32),), strict=False)

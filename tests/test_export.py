@@ -25,7 +25,7 @@ def test_one_file_matches_pytorch_at_two_batch_sizes_and_lengths(name, quantize,
     conv.train()  # export uses the γ = 0 graph whatever the mode
     result = bdia_fx.export_onnx(conv, tmp_path / "model.onnx", make_inputs(2, 8), kwargs, quantize=quantize)
     assert result.path.is_file() and result.file_bytes == os.path.getsize(result.path)
-    assert result.check.mismatched == 0 and result.check.max_abs_diff <= 1e-4
+    assert result.check.mismatched == 0 and result.check.max_abs_diff <= (1e-4 if not quantize else 1e-2)
     assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
     assert conv.training  # the user's model keeps its mode
     reference = bdia_fx.revert(conv, quantize=quantize)

@@ -7,7 +7,7 @@ import torch
 
 import bdia_fx
 
-from models import encoder, gpt2, llama, neox, vit
+from models import encoder, gpt2, llama, neox, swin, t5, vit
 
 
 def test_report_lists_blocks_side_inputs_and_randomness():
@@ -30,7 +30,7 @@ def test_rejections_are_reported_with_module_and_reason():
     assert not report.chains
     (rejection,) = report.rejections
     assert rejection.module == "layers.0" and "post-LN" in rejection.reason
-    assert "rejected" in str(report)
+    assert "refused (not converted)" in str(report)
 
 
 def test_dropout_with_p_zero_is_not_random():
@@ -56,3 +56,53 @@ def test_the_passes_import_no_part_of_the_runtime():
             "assert not {'bdia_fx.runtime', 'bdia_fx.frame', 'bdia_fx.conversion'} & set(loaded), loaded\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_t5_chains_start_after_the_block_that_makes_the_shared_position_bias():
+    ids = torch.randint(1, 64, (2, 8))
+    report = bdia_fx.find_chains(t5(4), (ids, torch.ones_like(ids), ids), {"use_cache": False})
+    assert [c.block_paths for c in report.chains] == [
+        ("encoder.block.1", "encoder.block.2", "encoder.block.3"),
+        ("decoder.block.1", "decoder.block.2", "decoder.block.3")]
+    assert not report.rejections
+    encoder_note, decoder_note = report.notes
+    assert encoder_note.startswith("'encoder.block.0' runs as it is") and "from side inputs" in encoder_note
+    assert decoder_note.startswith("'decoder.block.0' runs as it is")
+    # the bias block 0 computes is a side input of every later block, shared, not a tap on the stream
+    (bias,) = [n for n in encoder_note.split("computes ")[1].split(" from")[0].split(", ")]
+    assert all(bias in [s.node for s in b.side_inputs] for b in report.chains[0].blocks)
+
+
+def test_a_block_passing_out_a_value_made_from_the_stream_is_still_refused():
+    from models import ResidualMLP
+
+    class Tapping(ResidualMLP):
+        def forward(self, x):
+            y = x + self.lin(self.ln(x))
+            return y, y.mean()
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(Tapping() for _ in range(3))
+
+        def forward(self, x):
+            taps = []
+            for block in self.blocks:
+                x, tap = block(x)
+                taps.append(tap)
+            return x, torch.stack(taps)
+
+    report = bdia_fx.find_chains(Model(), (torch.randn(2, 8),))
+    assert not report.chains
+    (rejection,) = report.rejections
+    assert rejection.module == "blocks.0" and "passes 2 values out" in rejection.reason
+
+
+def test_swin_gives_one_chain_per_stage_one_level_below_the_stages():
+    report = bdia_fx.find_chains(swin((2, 3)), (torch.randn(2, 3, 32, 32),))
+    assert [c.container for c in report.chains] == [f"swin.encoder.layers.{i}.blocks" for i in range(2)]
+    assert [len(c.blocks) for c in report.chains] == [2, 3]
+    assert not report.rejections
+    (ignored,) = [why for name, why in report.ignored if name == "swin.encoder.layers"]
+    assert "searched one level deeper" in ignored
