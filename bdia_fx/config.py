@@ -30,6 +30,10 @@ class BDIAConfig:
         quantize_eval: in ``.eval()`` run x_{k+1} = Q[f_k(x_k)]; ``False`` runs the original blocks.
         batch_dim: dim of the stream tensor that indexes samples (γ is drawn per sample);
             ``None`` infers it (1 when a block has ``batch_first=False``, else 0).
+        residual_only: ``False`` (experimental) also accepts blocks that are not x + h(x), such as
+            post-LN blocks LN(x + h(x)): the update x_{k+1} = Q[γx_{k-1}] + Q[(1+γ)f_k(x_k) − 2γx_k]
+            is exactly invertible for any block map f_k and γ = 0 is the original model, but
+            whether such a chain trains as well is a measured question (``benchmarks/post_ln.py``).
     """
 
     frac_bits: int = 9
@@ -39,6 +43,7 @@ class BDIAConfig:
     verify: bool = True
     quantize_eval: bool = True
     batch_dim: int | None = None
+    residual_only: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.frac_bits, int) or not 0 <= self.frac_bits <= 20:

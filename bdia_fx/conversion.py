@@ -218,7 +218,7 @@ def _plan(model: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) ->
         args, kwargs = tree_map(lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v, (args, kwargs))
     with capture_mode(), boundary_suspended(captured_model), recording_block_calls(captured_model) as calls:
         ep = capture(captured_model, args, kwargs)
-    report = find_chains_in_graph(ep, model)
+    report = find_chains_in_graph(ep, model, state.config.residual_only)
     logger.info("%s: captured the training call %s in %.2f s: %s", type(model).__name__, describe_call(args, kwargs),
                 time.perf_counter() - start, ", ".join(f"chain '{c.container}' of {len(c.blocks)} blocks"
                                                        for c in report.chains) or "no chain")

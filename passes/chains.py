@@ -138,7 +138,8 @@ def _find_skip_path(out: fx.Node, members: set[fx.Node], inputs: list[fx.Node], 
     return walk(out, ())
 
 
-def _scan_block(path: str, nodes: list[fx.Node], params: set[str], want: fx.Node | None) -> _BlockScan:
+def _scan_block(path: str, nodes: list[fx.Node], params: set[str], want: fx.Node | None,
+                residual_only: bool = True) -> _BlockScan:
     scan = _BlockScan(path, nodes)
     members = set(nodes)
     inputs: list[fx.Node] = []
@@ -175,16 +176,22 @@ def _scan_block(path: str, nodes: list[fx.Node], params: set[str], want: fx.Node
     last = out
     while _is_identity(last) and last.args[0] in members:
         last = last.args[0]
-    if last.target not in _ADD_TARGETS:
+    hit = _find_skip_path(out, members, inputs, want) if last.target in _ADD_TARGETS else None
+    if hit is None and not residual_only:  # any block map f_k with the stream's shape (BDIAConfig.residual_only)
+        same_shape = [n for n in inputs if _shape(n) == _shape(out)]
+        stream_in = want if want in inputs else (same_shape[0] if len(same_shape) == 1 else None)
+        if stream_in is not None and _shape(stream_in) == _shape(out):
+            hit, scan.residual_like = (stream_in, ()), True
+    if hit is None and last.target not in _ADD_TARGETS:
         after_add = any(isinstance(a, fx.Node) and a.target in _ADD_TARGETS for a in out.args)
         if after_add and "norm" in str(out.target):
-            why = "a post-LN block (normalisation after the residual add) is not x + h(x), so BDIA cannot apply"
+            why = ("a post-LN block (normalisation after the residual add) is not x + h(x), so BDIA cannot apply "
+                   "(BDIAConfig(residual_only=False) accepts it, experimentally)")
             scan.residual_like = True
         else:
             why = "the block is not x + h(x)"
         scan.problem = (out.name, f"block output is {out.target} (node '{out.name}'), not a residual add: {why}")
         return scan
-    hit = _find_skip_path(out, members, inputs, want)
     if hit is None:
         scan.problem = (out.name, "block output is not x + h(x): no path of adds leads back to the stream input")
         return scan
@@ -241,8 +248,10 @@ def _blocks_of(graph: fx.Graph, paths: list[str]) -> dict[str, list[fx.Node]]:
     return found
 
 
-def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module) -> ChainReport:
-    """Find the residual chains of ``model`` in its exported program ``ep`` (training mode)."""
+def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module,
+                         residual_only: bool = True) -> ChainReport:
+    """Find the residual chains of ``model`` in its exported program ``ep`` (training mode); with
+    ``residual_only=False`` also chains of blocks that are any map of the stream (post-LN)."""
     graph = ep.graph
     sig = ep.graph_signature
     params = (set(sig.inputs_to_parameters) | set(sig.inputs_to_buffers) | set(sig.inputs_to_lifted_tensor_constants)
@@ -273,7 +282,7 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module) -> 
         scans: list[_BlockScan] = []
         for path in called:
             want = scans[-1].stream_out if scans and (scans[-1].problem is None or scans[-1].shared) else None
-            scans.append(_scan_block(path, members[path], params, want))
+            scans.append(_scan_block(path, members[path], params, want, residual_only))
         residual = [s for s in scans if s.problem is None or s.residual_like or s.shared]
         if not residual:
             report.ignored.append((container, "its numbered children are not residual blocks"))

@@ -1,5 +1,5 @@
-"""Shared test configuration: subprocess runs (examples, README commands) are marked ``slow``, so a
-quick loop can run ``pytest -m "not slow"`` while CI runs everything."""
+"""Shared test configuration: subprocess runs (examples, benchmarks, README commands) are marked
+``slow``, so a quick loop can run ``pytest -m "not slow"`` while CI runs everything."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ SLOW_FILES = {"test_examples.py", "test_readme.py", "test_bdia_inspect.py"}
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if Path(str(item.fspath)).name in SLOW_FILES:
+        path = Path(str(item.fspath))
+        if path.name in SLOW_FILES or path.parent.name == "benchmarks":
             item.add_marker(pytest.mark.slow)
 
 
