@@ -182,3 +182,31 @@ def pam_matmul(a: torch.Tensor, b: torch.Tensor, chunk_elements: int = DEFAULT_C
         for j in range(products.shape[-3]):
             out += products[..., j, :, :]
     return out
+
+
+def pam_matmul_backward(a: torch.Tensor, b: torch.Tensor, grad: torch.Tensor, exact: bool,
+                        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of Y = pam_matmul(a, b) for dY = ``grad``, reduced to the shapes of ``a`` and ``b``.
+
+    ``exact=False``: the paper's approximate rule, dA = pam_matmul(dY, Bᵀ), dB = pam_matmul(Aᵀ, dY).
+    ``exact=True``: the derivative of the piecewise-affine function itself,
+    dA[m, k] = Σ_n PAM(dY[m, n], ∂PAM(A[m, k], B[k, n])/∂A) and dB likewise — every term a product with a
+    power of two (exact in PAM), summed by ``torch.sum``. It needs the slope of every (m, k, n)
+    product, formed chunk by chunk along k as in :func:`pam_matmul` (same memory bound).
+    """
+    if not exact:
+        grad_a = pam_matmul(grad, b.transpose(-1, -2), chunk_elements)
+        grad_b = pam_matmul(a.transpose(-1, -2), grad, chunk_elements)
+        return grad_a.sum_to_size(a.shape), grad_b.sum_to_size(b.shape)
+    batch_shape = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    (m, k), n = a.shape[-2:], b.shape[-1]
+    a_t = a.transpose(-1, -2)
+    grad_rows = grad[..., None, :, :]  # (..., 1, M, N)
+    c = _chunk(m, n, k, batch_shape.numel(), chunk_elements)
+    parts_a, parts_b = [], []
+    for start in range(0, k, c):
+        slope_a, slope_b = pam_mul_slopes(a_t[..., start:start + c, :, None], b[..., start:start + c, None, :])
+        parts_a.append(pam_mul(grad_rows, slope_a).sum(-1))  # (..., c, M)
+        parts_b.append(pam_mul(grad_rows, slope_b).sum(-2))  # (..., c, N)
+    grad_a = torch.cat(parts_a, -2).transpose(-1, -2)
+    return grad_a.sum_to_size(a.shape), torch.cat(parts_b, -2).sum_to_size(b.shape)
