@@ -63,31 +63,36 @@ def _is_nan(x: torch.Tensor) -> torch.Tensor:
     return (x.view(torch.int32) & 0x7FFFFFFF) > _INF
 
 
-def _decode(level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """The float32 whose magnitude is paexp2(level / 2^23), flushed to 0 below 2^-126 and inf from 2^128."""
-    magnitude = (level + BIAS).clamp(max=_INF)
+def _decode(biased: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """The float32 of bit pattern ``biased`` = level + 0x3F800000 (magnitude paexp2(level / 2^23)), flushed to
+    0 below 2^-126 and inf from 2^128."""
+    magnitude = biased.clamp(max=_INF)
     magnitude = torch.where(magnitude < _MIN_NORMAL, 0, magnitude)
     return (magnitude.int() | sign).view(torch.float32)
 
 
 def pam_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """PAM(a, b), elementwise with broadcasting (float32; specials in the module docstring)."""
-    _check(a, b)
-    la, sa, za, ia = _encode(a)
-    lb, sb, zb, ib = _encode(b)
-    out = _decode(la + lb, sa ^ sb)
-    nan = _is_nan(a) | _is_nan(b) | (za & ib) | (ia & zb)
-    return torch.where(nan, torch.tensor(_NAN, dtype=torch.int32).view(torch.float32), out)
+    return _combine(a, b, divide=False)
 
 
 def pam_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """PAMdiv(a, b) = a ⊘ b, elementwise with broadcasting (float32; specials in the module docstring)."""
+    """PAMdiv(a, b), elementwise with broadcasting (float32; specials in the module docstring)."""
+    return _combine(a, b, divide=True)
+
+
+def _combine(a: torch.Tensor, b: torch.Tensor, divide: bool) -> torch.Tensor:
     _check(a, b)
     la, sa, za, ia = _encode(a)
     lb, sb, zb, ib = _encode(b)
-    out = _decode(la - lb, sa ^ sb)
-    nan = _is_nan(a) | _is_nan(b) | (za & zb) | (ia & ib)
-    return torch.where(nan, torch.tensor(_NAN, dtype=torch.int32).view(torch.float32), out)
+    out = _decode(la - (lb - BIAS) if divide else la + (lb + BIAS), sa ^ sb)  # the only full-size work
+    na, nb = _is_nan(a), _is_nan(b)
+    # NaN results: a NaN operand, 0·inf (product), 0/0 and inf/inf (quotient); checked at operand size first
+    pairs = ((za, zb), (ia, ib)) if divide else ((za, ib), (ia, zb))
+    if bool(na.any()) or bool(nb.any()) or any(bool(x.any()) and bool(y.any()) for x, y in pairs):
+        nan = na | nb | (pairs[0][0] & pairs[0][1]) | (pairs[1][0] & pairs[1][1])
+        out = torch.where(nan, torch.tensor(_NAN, dtype=torch.int32).view(torch.float32), out)
+    return out
 
 
 def _exponent(x: torch.Tensor) -> torch.Tensor:
@@ -97,7 +102,7 @@ def _exponent(x: torch.Tensor) -> torch.Tensor:
 
 def _power_of_two(exponent: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """±2^exponent as float32 (0 below 2^-126, inf from 2^128)."""
-    return _decode((exponent.long() << 23), sign)
+    return _decode((exponent.long() << 23) + BIAS, sign)
 
 
 def _slope(result: torch.Tensor, operand: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
@@ -210,3 +215,36 @@ def pam_matmul_backward(a: torch.Tensor, b: torch.Tensor, grad: torch.Tensor, ex
         parts_b.append(pam_mul(grad_rows, slope_b).sum(-2))  # (..., c, N)
     grad_a = torch.cat(parts_a, -2).transpose(-1, -2)
     return grad_a.sum_to_size(a.shape), torch.cat(parts_b, -2).sum_to_size(b.shape)
+
+
+def pa_exp2(y: torch.Tensor) -> torch.Tensor:
+    """paexp2(y) = 2^⌊y⌋ (1 + y − ⌊y⌋) by the bit trick: the integer round(y·2^23) + 0x3F800000 read as a
+    float32 (y·2^23 is an exponent shift; round half to even). Below 2^-126 it is 0, from 2^128 inf;
+    NaN gives NaN."""
+    _check(y)
+    level = torch.round(y * 2.0**23).clamp(-(2.0**40), 2.0**40).long()  # ±inf clamp to far out
+    out = _decode(level + BIAS, torch.zeros((), dtype=torch.int32, device=y.device))
+    return torch.where(y.isnan(), y, out)
+
+
+def pa_log2(x: torch.Tensor) -> torch.Tensor:
+    """palog2|x| = e + m for |x| = 2^e (1 + m), read off the bit pattern ((X & 0x7FFFFFFF) − 0x3F800000)·2^-23,
+    rounded to float32. Zero (and subnormal) operands give −inf, infinite ones inf, NaN NaN."""
+    _check(x)
+    level, _, zero, inf = _encode(x)
+    out = level.float() * 2.0**-23  # an exponent shift
+    out = torch.where(zero, -torch.inf, torch.where(inf, torch.inf, out))
+    return torch.where(x.isnan(), x, out)
+
+
+def pa_exp2_slope(y: torch.Tensor) -> torch.Tensor:
+    """d paexp2(y)/dy = 2^⌊y⌋ (a power of two; 0 where the result underflows, NaN where it is not finite)."""
+    return _slope(pa_exp2(y), torch.ones((), dtype=torch.float32), torch.zeros((), dtype=torch.int32))
+
+
+def pa_log2_slope(x: torch.Tensor) -> torch.Tensor:
+    """d palog2|x|/dx = sgn(x)·2^−e_x (a power of two; NaN at zero, subnormal, infinite and NaN x)."""
+    _check(x)
+    _, sign, zero, inf = _encode(x)
+    slope = _power_of_two(-_exponent(x), sign)
+    return torch.where(zero | inf | x.isnan(), torch.nan, slope)

@@ -30,7 +30,7 @@ from bdia_fx.errors import ConversionError
 from bdia_fx.module_tree import shallow_clone
 from bdia_fx.pam_ops import IMPLEMENTATIONS, RULES
 from bdia_fx.passes.capture import capture
-from bdia_fx.passes.pam import ALL_OPS, PAMReport, analyse_pam, decide, rewrite_pam
+from bdia_fx.passes.pam import ALL_OPS, KNOWN_OPS, PAMReport, analyse_pam, call_options, decide, rewrite_pam
 
 _STATE_ATTR = "_bdia_pam_state"
 _CONFIG_ATTR = "_bdia_pam_config"
@@ -38,7 +38,7 @@ _CONFIG_ATTR = "_bdia_pam_config"
 
 @dataclasses.dataclass(frozen=True)
 class PAMConfig:
-    """Which multiplications become PAM (``ops``, a subset of :data:`ALL_OPS`) and the backward rule
+    """Which multiplications become PAM (``ops``, a subset of :data:`KNOWN_OPS`) and the backward rule
     (``"approx"``: the paper's PAM of the gradient; ``"exact"``: the piecewise-affine derivative)."""
 
     ops: tuple[str, ...] = ALL_OPS
@@ -46,9 +46,9 @@ class PAMConfig:
 
     def __post_init__(self) -> None:
         ops = tuple(dict.fromkeys(self.ops))
-        unknown = [op for op in ops if op not in ALL_OPS]
+        unknown = [op for op in ops if op not in KNOWN_OPS]
         if unknown or isinstance(self.ops, str):
-            raise ValueError(f"ops must be a collection of {ALL_OPS}, got {self.ops!r}")
+            raise ValueError(f"ops must be a collection of {KNOWN_OPS}, got {self.ops!r}")
         object.__setattr__(self, "ops", ops)
         if self.backward not in RULES:
             raise ValueError(f"backward must be one of {RULES}, got {self.backward!r}")
@@ -82,6 +82,14 @@ TORCH_FUNCTIONS: dict[Any, tuple[str, bool]] = {  # torch function -> (function 
     **dict.fromkeys([torch.div, torch.divide, torch.true_divide, _T.div, _T.divide, _T.true_divide,
                      _T.__truediv__], ("div", False)),
     _T.__rtruediv__: ("div", True),
+    **dict.fromkeys([torch.softmax, _T.softmax, F.softmax], ("softmax", False)),
+    **dict.fromkeys([torch.exp, _T.exp], ("exp", False)),
+    **dict.fromkeys([torch.rsqrt, _T.rsqrt], ("rsqrt", False)),
+    F.layer_norm: ("layer_norm", False),
+    **dict.fromkeys([torch.sigmoid, _T.sigmoid, F.sigmoid], ("sigmoid", False)),
+    **dict.fromkeys([torch.tanh, _T.tanh, F.tanh], ("tanh", False)),
+    F.gelu: ("gelu", False),
+    F.silu: ("silu", False),
     **dict.fromkeys([_T.div_, _T.__itruediv__], ("div_", False)),
 }
 
@@ -110,7 +118,8 @@ class PAMMode(TorchFunctionMode):
             raise ConversionError(f"at run time, {exc}", module=self.where) from None
         if reason is not None:
             return func(*args, **kwargs)
-        return IMPLEMENTATIONS[function](*call, **kwargs, rule=self.config.backward)
+        return IMPLEMENTATIONS[function](*call, **kwargs, **call_options(function, self.config.ops,
+                                                                          self.config.backward))
 
 
 def _is_functional_composite(func: Any) -> bool:
@@ -170,7 +179,9 @@ def pam(model: nn.Module, example_inputs: tuple | torch.Tensor = (), example_kwa
 
     ``ops`` selects the kinds replaced: ``"linear"``, ``"matmul"`` (matmul, @, mm, bmm, addmm,
     baddbmm), ``"attention"`` (both products and the scaling of scaled-dot-product attention),
-    ``"mul"`` (elementwise ``*``, including by a Python number) and ``"div"`` (``/`` as PAM division).
+    ``"mul"`` (elementwise ``*``, including by a Python number) and ``"div"`` (``/`` as PAM division): by
+    default all five. ``"nonlinear"`` (not by default) adds piecewise-affine softmax (attention's too),
+    exp, rsqrt, layer norm, sigmoid, tanh, GELU and SiLU (:mod:`bdia_fx.pam_ops`).
     ``backward`` is the gradient rule of every PAM operation. The result has ``model``'s classes (PAM
     subclasses of the same names), call signature, outputs and ``state_dict()`` keys; it converts with
     :func:`bdia_fx.convert`. With example inputs the model is captured now, the report

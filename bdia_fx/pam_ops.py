@@ -3,7 +3,8 @@
 Registered with ``torch.library.custom_op`` so that a captured graph (``torch.export``) holds each as
 one node, and so that :func:`bdia_fx.convert` of a PAM model plans, runs and recomputes them like any
 other operation (the recompute replays them bit for bit: they are deterministic integer arithmetic).
-Every operator takes ``rule``: ``"approx"`` (the paper's backward, gradients by PAM of the gradient:
+``exp2``/``log2`` are the bit-trick paexp2/palog2 (their derivative, a power of two, for both rules).
+The products take ``rule``: ``"approx"`` (the paper's backward, gradients by PAM of the gradient:
 dA = PAM(dY, B), dA = PAM-matmul(dY, Bᵀ)) or ``"exact"`` (the derivative of the piecewise-affine
 function, :mod:`bdia_fx.pam_math`). Operands must be float32.
 """
@@ -55,6 +56,40 @@ def _elementwise_fake(a: torch.Tensor, b: torch.Tensor, rule: str) -> torch.Tens
 def _matmul_fake(a: torch.Tensor, b: torch.Tensor, rule: str) -> torch.Tensor:
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     return a.new_empty((*batch, a.shape[-2], b.shape[-1]))
+
+
+@torch.library.custom_op("bdia_pam::exp2", mutates_args=())
+def exp2(y: torch.Tensor) -> torch.Tensor:
+    """paexp2(y) = 2^⌊y⌋ (1 + y − ⌊y⌋) by the bit trick (:func:`pam_math.pa_exp2`)."""
+    return pam_math.pa_exp2(y)
+
+
+@torch.library.custom_op("bdia_pam::log2", mutates_args=())
+def log2(x: torch.Tensor) -> torch.Tensor:
+    """palog2|x| = e + m read off the bit pattern (:func:`pam_math.pa_log2`)."""
+    return pam_math.pa_log2(x)
+
+
+@exp2.register_fake
+@log2.register_fake
+def _unary_fake(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _save_input(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _exp2_backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # both rules: the derivative is a power of two
+    return pam_math.pam_mul(grad, pam_math.pa_exp2_slope(ctx.saved_tensors[0]))
+
+
+def _log2_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    return pam_math.pam_mul(grad, pam_math.pa_log2_slope(ctx.saved_tensors[0]))
+
+
+exp2.register_autograd(_exp2_backward, setup_context=_save_input)
+log2.register_autograd(_log2_backward, setup_context=_save_input)
 
 
 def _save_operands(ctx, inputs: tuple, output: torch.Tensor) -> None:
@@ -158,9 +193,9 @@ def pam_addmm(input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, be
 def pam_scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                      attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
                                      is_causal: bool = False, scale: float | None = None,
-                                     enable_gqa: bool = False, *, rule: str) -> torch.Tensor:
-    """softmax(PAM(QKᵀ)·scale + mask) ⊛ V with both products and the scaling as PAM; the softmax (and
-    dropout's 1/(1−p)) stay float."""
+                                     enable_gqa: bool = False, *, rule: str, pa_softmax: bool = False) -> torch.Tensor:
+    """softmax(PAM(QKᵀ)·scale + mask) ⊛ V with both products and the scaling as PAM; the softmax is float
+    (piecewise-affine with ``pa_softmax``); dropout's 1/(1−p) stays float."""
     length, source = query.shape[-2], key.shape[-2]
     if enable_gqa:
         repeat = query.shape[-3] // key.shape[-3]
@@ -173,19 +208,76 @@ def pam_scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, val
     if attn_mask is not None:
         scores = (scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
                   else scores + attn_mask)
-    weights = torch.softmax(scores, -1)
+    weights = pa_softmax_(scores, -1, rule=rule) if pa_softmax else torch.softmax(scores, -1)
     if dropout_p > 0:
         weights = torch.nn.functional.dropout(weights, dropout_p)
     return pam_matmul(weights, value, rule=rule)
+
+
+# Piecewise-affine nonlinearities (ops "nonlinear"): built from PAM products and quotients and the
+# bit-trick paexp2/palog2; scalings by powers of two (2^23, ½, 2) are exact in PAM.
+_LOG2_E, _LN_2 = 1 / math.log(2), math.log(2)
+
+
+def pa_exp(input: torch.Tensor, *, rule: str) -> torch.Tensor:
+    """exp(x) = 2^(x·log2 e) ≈ paexp2(PAM(x, log2 e))."""
+    return exp2(pam_mul(input, _LOG2_E, rule=rule))
+
+
+def pa_softmax_(input: torch.Tensor, dim: int, *_: object, rule: str, **__: object) -> torch.Tensor:
+    """softmax with the piecewise-affine exp and PAM division (extra dtype arguments of torch's and
+    ATen's softmax are accepted and must leave it float32)."""
+    e = pa_exp(input - input.amax(dim, keepdim=True).detach(), rule=rule)
+    return pam_div(e, e.sum(dim, keepdim=True), rule=rule)
+
+
+def pa_rsqrt(input: torch.Tensor, *, rule: str) -> torch.Tensor:
+    """1/√x = paexp2(−palog2(x)/2) (the bit-trick inverse square root without its Newton step)."""
+    return exp2(pam_mul(log2(input), -0.5, rule=rule))
+
+
+def pa_layer_norm(input: torch.Tensor, normalized_shape: list[int], weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None, eps: float = 1e-5, *_: object, rule: str) -> torch.Tensor:
+    """Layer norm with PAM means (a PAM division by the count), PAM squares and the piecewise-affine rsqrt."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    count = math.prod(normalized_shape)
+    centred = input - pam_div(input.sum(dims, keepdim=True), count, rule=rule)
+    variance = pam_div(pam_mul(centred, centred, rule=rule).sum(dims, keepdim=True), count, rule=rule)
+    out = pam_mul(centred, pa_rsqrt(variance + eps, rule=rule), rule=rule)
+    out = out if weight is None else pam_mul(out, weight, rule=rule)
+    return out if bias is None else out + bias
+
+
+def pa_sigmoid(input: torch.Tensor, *, rule: str) -> torch.Tensor:
+    """σ(x) = 1 ⊘ (1 + paexp(−x))."""
+    return pam_div(1.0, 1 + pa_exp(-input, rule=rule), rule=rule)
+
+
+def pa_tanh(input: torch.Tensor, *, rule: str) -> torch.Tensor:
+    """tanh(x) = 2σ(2x) − 1."""
+    return pam_mul(pa_sigmoid(pam_mul(input, 2.0, rule=rule), rule=rule), 2.0, rule=rule) - 1
+
+
+def pa_gelu(input: torch.Tensor, approximate: str = "none", *, rule: str) -> torch.Tensor:
+    """GELU by its sigmoid approximation x·σ(1.702x), made piecewise-affine (for either ``approximate``)."""
+    return pam_mul(input, pa_sigmoid(pam_mul(input, 1.702, rule=rule), rule=rule), rule=rule)
+
+
+def pa_silu(input: torch.Tensor, inplace: bool = False, *, rule: str) -> torch.Tensor:
+    """x·σ(x)."""
+    return pam_mul(input, pa_sigmoid(input, rule=rule), rule=rule)
 
 
 IMPLEMENTATIONS = {  # function name -> its PAM version
     "linear": pam_linear, "matmul": pam_matmul, "mm": pam_matmul, "bmm": pam_matmul,
     "addmm": pam_addmm, "baddbmm": pam_addmm, "scaled_dot_product_attention": pam_scaled_dot_product_attention,
     "mul": pam_mul, "div": pam_div, "mul_": pam_mul_, "div_": pam_div_,
+    "softmax": pa_softmax_, "exp": pa_exp, "rsqrt": pa_rsqrt, "layer_norm": pa_layer_norm, "sigmoid": pa_sigmoid,
+    "tanh": pa_tanh, "gelu": pa_gelu, "silu": pa_silu,
 }
 KINDS = {  # function name -> the ``ops`` name that selects it
     "linear": "linear", "matmul": "matmul", "mm": "matmul", "bmm": "matmul", "addmm": "matmul",
     "baddbmm": "matmul", "scaled_dot_product_attention": "attention", "mul": "mul", "div": "div",
     "mul_": "mul", "div_": "div",
+    **dict.fromkeys(["softmax", "exp", "rsqrt", "layer_norm", "sigmoid", "tanh", "gelu", "silu"], "nonlinear"),
 }

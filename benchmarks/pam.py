@@ -1,15 +1,17 @@
 """Float vs piecewise-affine multiplication (PAM, ``bdia_fx.pam``) on the digits ViT and the character GPT.
 
-Three variants per model, trained from the same initial weights on the same batches (paired seeds,
+Four variants per model, trained from the same initial weights on the same batches (paired seeds,
 as examples/vit_digits.py and examples/char_lm.py pair plain and BDIA): ``float``; ``pam-matmuls``
 (``ops=("linear", "matmul", "attention")``); ``pam-all`` (every multiplication the pass supports, also
-elementwise ``*`` and ``/``). Prints, per model and variant, the final validation metric (mean ± std
-over seeds), its paired difference from float with a 95 % t-interval, the median wall time of a
-training step relative to float on this CPU, and the scalar multiplications per training step that
-PAM replaces (3 × those of the forward: the approximate backward makes two PAM products per forward
-product; an upper bound where an operand needs no gradient). Writes a JSON and a plot.
+elementwise ``*`` and ``/``, the default of ``bdia_fx.pam``); ``pam-nonlinear`` (that and the
+piecewise-affine softmax, layer norm, GELU, tanh: ``"nonlinear"`` in ops). Prints, per model and
+variant, the final validation metric (mean ± std over seeds), its paired difference from float with a
+95 % t-interval, the median wall time of a training step relative to float on this CPU, and the
+scalar multiplications per training step that PAM replaces (3 × those of the forward: the approximate
+backward makes two PAM products per forward product; an upper bound where an operand needs no
+gradient; a nonlinear node counts one per output element). Writes a JSON and a plot.
 
-    python benchmarks/pam.py [--json results/pam.json] [--plot docs/pam.png]   # 3 seeds, ~10 min on 1 core
+    python benchmarks/pam.py [--json results/pam.json] [--plot docs/pam.png]   # 3 seeds, about 10 min on 1 core
     python benchmarks/pam.py --quick                                            # 2 seeds, short runs
 """
 
@@ -35,7 +37,8 @@ from vit_digits import accuracy, build_vit, load_digits_split  # noqa: E402
 from paired import PairedDifference  # noqa: E402
 
 VARIANTS = {"float": None, "pam-matmuls": ("linear", "matmul", "attention"),
-            "pam-all": ("linear", "matmul", "attention", "mul", "div")}
+            "pam-all": ("linear", "matmul", "attention", "mul", "div"),
+            "pam-nonlinear": ("linear", "matmul", "attention", "mul", "div", "nonlinear")}
 
 
 def variant(name: str, initial: nn.Module, args: tuple, kwargs: dict | None = None) -> nn.Module:
@@ -143,7 +146,7 @@ def plot(curves: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"float": "#457b9d", "pam-matmuls": "#e76f51", "pam-all": "#2a9d8f"}
+    colours = {"float": "#457b9d", "pam-matmuls": "#e76f51", "pam-all": "#2a9d8f", "pam-nonlinear": "#8d6cab"}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, (title, (xlabel, ylabel, every, by_variant)) in zip(axes, curves.items()):
         for name, runs in by_variant.items():
@@ -174,7 +177,7 @@ def main() -> None:
     parser.add_argument("--lm-width", type=int, default=32)
     parser.add_argument("--lm-context", type=int, default=32)
     parser.add_argument("--lm-batch", type=int, default=8)
-    parser.add_argument("--lm-steps", type=int, default=200)
+    parser.add_argument("--lm-steps", type=int, default=150)
     parser.add_argument("--lm-eval-every", type=int, default=50)
     parser.add_argument("--lm-lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=1)

@@ -3,8 +3,10 @@
 Analysis (:func:`analyse_pam`) reads a graph captured by :func:`bdia_fx.passes.capture.capture` and
 decides for every multiplying node: replaced by its PAM version (:data:`bdia_fx.pam_ops.IMPLEMENTATIONS`),
 left as it is (with the reason), or refused (a selected multiplication on float16/bfloat16/float64
-operands: PAM is defined on float32 bit patterns). The rewrite (:func:`rewrite_pam`) gives a runnable
-copy of the graph whose replaced nodes call the PAM functions, marked with :data:`PAM_META_KEY`.
+operands: PAM is defined on float32 bit patterns). With ``"nonlinear"`` in ops, softmax (attention's
+too), exp, rsqrt, layer norm, sigmoid, tanh, GELU and SiLU become their piecewise-affine versions.
+The rewrite (:func:`rewrite_pam`) gives a runnable copy of the graph whose replaced nodes call the PAM
+functions, marked with :data:`PAM_META_KEY`.
 :func:`decide` is the one rule both the rewrite and the eager PAM model (``bdia_fx.pam``) apply.
 """
 
@@ -20,7 +22,8 @@ from bdia_fx.errors import ConversionError
 from bdia_fx.pam_ops import IMPLEMENTATIONS, KINDS
 
 PAM_META_KEY = "bdia_pam"  # node.meta key of a node the rewrite made: the function name it replaces
-ALL_OPS = ("linear", "matmul", "attention", "mul", "div")
+ALL_OPS = ("linear", "matmul", "attention", "mul", "div")   # the default: every multiplication supported
+KNOWN_OPS = (*ALL_OPS, "nonlinear")  # "nonlinear": softmax, exp, rsqrt, layer norm, sigmoid, tanh, GELU, SiLU
 
 _aten = torch.ops.aten
 ATEN_FUNCTIONS = {  # captured ATen op -> the function name of IMPLEMENTATIONS / KINDS
@@ -29,13 +32,16 @@ ATEN_FUNCTIONS = {  # captured ATen op -> the function name of IMPLEMENTATIONS /
     _aten.scaled_dot_product_attention.default: "scaled_dot_product_attention",
     _aten.mul.Tensor: "mul", _aten.mul.Scalar: "mul", _aten.div.Tensor: "div", _aten.div.Scalar: "div",
     _aten.mul_.Tensor: "mul_", _aten.mul_.Scalar: "mul_", _aten.div_.Tensor: "div_", _aten.div_.Scalar: "div_",
+    _aten.softmax.int: "softmax", _aten._softmax.default: "softmax", _aten.exp.default: "exp",
+    _aten.rsqrt.default: "rsqrt", _aten.layer_norm.default: "layer_norm", _aten.sigmoid.default: "sigmoid",
+    _aten.tanh.default: "tanh", _aten.gelu.default: "gelu", _aten.silu.default: "silu",
 }
-_NONLINEAR = "a nonlinearity: no piecewise-affine version in this pass, it multiplies inside its kernel"
+_NONLINEAR = "a nonlinearity without a piecewise-affine version here: it multiplies inside its kernel"
 LEFT_REASONS = {  # other ATen ops that multiply inside, by name, and why they stay
-    **dict.fromkeys(["exp", "log", "softmax", "_softmax", "log_softmax", "_log_softmax", "gelu", "silu", "tanh",
-                     "sigmoid", "rsqrt", "sqrt", "pow", "erf", "cos", "sin", "reciprocal"], _NONLINEAR),
-    **dict.fromkeys(["layer_norm", "native_layer_norm", "rms_norm", "group_norm", "batch_norm", "mean", "var",
-                     "var_mean"], "normalisation: its mean, variance and scale multiply inside the kernel"),
+    **dict.fromkeys(["log", "log_softmax", "_log_softmax", "sqrt", "pow", "erf", "cos", "sin", "reciprocal"],
+                    _NONLINEAR),
+    **dict.fromkeys(["native_layer_norm", "rms_norm", "group_norm", "batch_norm", "mean", "var", "var_mean"],
+                    "normalisation: its mean, variance and scale multiply inside the kernel"),
     **dict.fromkeys(["conv1d", "conv2d", "conv3d", "convolution", "einsum", "addcmul", "addcdiv", "dot", "mv",
                      "outer", "tensordot"], "not supported by the PAM pass (write it as a linear/matmul)"),
     **dict.fromkeys(["dropout", "native_dropout", "dropout_"], "dropout scales by 1/(1 − p) inside its kernel"),
@@ -93,13 +99,22 @@ def decide(function: str, result_dtype: torch.dtype, ops: Collection[str]) -> st
     not float32 (callers turn it into a ConversionError naming where)."""
     kind = KINDS[function]
     if kind not in ops:
-        return f"'{kind}' is not in ops"
+        return (f"'{kind}' is not in ops" if kind != "nonlinear" else
+                "a nonlinearity, which multiplies inside its kernel ('nonlinear' is not in ops)")
     if not result_dtype.is_floating_point:
         return "integer arithmetic (PAM is defined on float32)"
     if result_dtype != torch.float32:
         raise ValueError(f"a {function} on {result_dtype} operands: PAM is defined on float32 bit patterns; "
                          "run the model in float32 (no autocast), or leave this kind out of ops")
     return None
+
+
+def call_options(function: str, ops: Collection[str], backward: str) -> dict:
+    """The keyword arguments the PAM version of ``function`` takes besides the call's own."""
+    options = {"rule": backward}
+    if function == "scaled_dot_product_attention":
+        options["pa_softmax"] = "nonlinear" in ops
+    return options
 
 
 def analyse_pam(graph_module: fx.GraphModule, ops: Collection[str], backward: str, model: str = "") -> PAMReport:
@@ -143,7 +158,7 @@ def rewrite_pam(graph_module: fx.GraphModule, report: PAMReport) -> fx.GraphModu
         if node.name in replaced:
             function = ATEN_FUNCTIONS[node.target]
             new.target = IMPLEMENTATIONS[function]
-            new.kwargs = {**new.kwargs, "rule": report.backward}
+            new.kwargs = {**new.kwargs, **call_options(function, report.ops, report.backward)}
             new.meta[PAM_META_KEY] = function
         env[node] = new
     graph.lint()
@@ -160,7 +175,7 @@ def _products(function: str, node: fx.Node) -> int:
     out = node.meta.get("val")
     if not isinstance(out, torch.Tensor):
         return 0
-    if KINDS[function] in ("mul", "div"):
+    if KINDS[function] in ("mul", "div", "nonlinear"):  # a nonlinearity counts one per output element
         return out.numel()
     if function == "scaled_dot_product_attention":
         query, key = (a.meta["val"] for a in node.args[:2])

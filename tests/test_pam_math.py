@@ -5,9 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bdia_fx.pam_math import pam_div, pam_div_slopes, pam_matmul, pam_mul, pam_mul_slopes
+from bdia_fx.pam_math import (
+    pa_exp2,
+    pa_exp2_slope,
+    pa_log2,
+    pa_log2_slope,
+    pam_div,
+    pam_div_slopes,
+    pam_matmul,
+    pam_mul,
+    pam_mul_slopes,
+)
 
-from references import pam_reference
+from references import paexp2, palog2, pam_reference
 
 SPECIALS = [0.0, -0.0, 1.0, -1.0, 1.5, -1.75, 2.0**-126, -(2.0**-126), 1e-40, -1e-45, 2.0**127, 3e38, -3e38,
             float("inf"), float("-inf"), float("nan"), 1e-20, 1e20]
@@ -110,8 +120,6 @@ def finite_difference(f, a: torch.Tensor, b: torch.Tensor, wrt: int) -> torch.Te
 
 
 def paf(divide: bool):
-    from references import paexp2, palog2
-
     def f(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         level = palog2(a) - palog2(b) if divide else palog2(a) + palog2(b)
         return torch.sign(a) * torch.sign(b) * paexp2(level)
@@ -121,8 +129,6 @@ def paf(divide: bool):
 def away_from_kinks(a: torch.Tensor, b: torch.Tensor, divide: bool) -> torch.Tensor:
     """Points where the piecewise-affine function is differentiable with margin for the FD step:
     mantissas not within 2^-20 of 0, and m_a ± m_b not within 2^-20 of an integer."""
-    from references import palog2
-
     ma, mb = (palog2(t.double()) % 1 for t in (a, b))
     s = (ma - mb if divide else ma + mb) % 1
     margin = 2.0**-20
@@ -149,3 +155,29 @@ def test_slopes_at_zero_and_specials():
     da, db = pam_div_slopes(torch.tensor([0.0, 1.0, 1.0]), torch.tensor([3.0, 0.0, float("inf")]))
     assert da[0] == 0.25 and db[0] == 0.0  # slope at a = 1: 2^⌊−palog2 3⌋ = 2^⌊−1.5⌋ = ¼
     assert da[1].isnan() and db[1].isnan() and da[2] == 0.0 and db[2] == 0.0
+
+
+def test_bit_trick_exp2_and_log2_equal_the_float64_formulas():
+    g = torch.Generator().manual_seed(6)
+    y = torch.cat([torch.randn(50_000, generator=g) * 40, torch.tensor([0.0, -126.0, 127.999, 128.0, -127.5])])
+    want = paexp2(torch.round(y.double() * 2**23) / 2**23)  # the level the bit pattern holds
+    want = torch.where(want < 2.0**-126, 0.0, want).float()
+    assert torch.equal(pa_exp2(y), want)
+    x = torch.randn(50_000, generator=g) * torch.exp2(torch.randint(-100, 100, (50_000,), generator=g).float())
+    assert torch.equal(pa_log2(x), palog2(x.double()).float())
+    assert pa_log2(torch.tensor([0.0])).item() == float("-inf") and pa_exp2(torch.tensor([float("nan")])).isnan()
+
+
+def test_exp2_and_log2_slopes_equal_finite_differences():
+    g = torch.Generator().manual_seed(7)
+    y = torch.randn(5_000, generator=g) * 10
+    y = y[((y % 1) > 1e-3) & ((y % 1) < 1 - 1e-3)]
+    h = 2.0**-20
+    fd = (paexp2(y.double() + h) - paexp2(y.double() - h)) / (2 * h)
+    assert torch.allclose(pa_exp2_slope(y).double(), fd, rtol=1e-9, atol=0)
+    x = torch.randn(5_000, generator=g) * 10
+    m = palog2(x.double()) % 1
+    x = x[(m > 1e-3) & (m < 1 - 1e-3)]
+    h = x.double().abs() * 2.0**-26
+    fd = (palog2(x.double() + h) - palog2(x.double() - h)) / (2 * h)
+    assert torch.allclose(pa_log2_slope(x).double(), fd, rtol=1e-6, atol=0)

@@ -103,3 +103,19 @@ def test_convert_of_a_pam_model_is_exact_and_reverts_to_it(granularity):
     reverted = bdia_fx.revert(conv)
     assert type(reverted) is type(pam_model) and bdia_fx.pam_report_of(reverted) is bdia_fx.pam_report_of(pam_model)
     assert torch.equal(reverted.eval()(ids), pam_model.eval()(ids))
+
+
+def test_nonlinear_option_leaves_only_dropout_in_a_gpt_and_both_doors_agree():
+    torch.manual_seed(3)
+    model, ids = TinyGPT(layers=2), torch.randint(0, 50, (2, 12))
+    default = bdia_fx.pam_report_of(bdia_fx.pam(model, (ids,)))
+    assert {n.target for n in default.left} == {"layer_norm", "gelu", "dropout"}
+    pam_model = bdia_fx.pam(model, (ids,), ops=("linear", "matmul", "attention", "mul", "div", "nonlinear"))
+    report = bdia_fx.pam_report_of(pam_model)
+    assert {n.target for n in report.left} == {"dropout"}  # nn.Dropout(p=0) here: it still reports
+    assert {n.target for n in report.replaced if n.kind == "nonlinear"} == {"layer_norm", "gelu"}
+    out = pam_model(ids)
+    assert torch.equal(out, bdia_fx.pam_graph_of(pam_model)(ids))
+    assert not torch.equal(out, bdia_fx.pam(model, (ids,))(ids))  # softmax, norms and GELU changed too
+    conv = bdia_fx.convert(pam_model, (ids,))
+    assert bdia_fx.check_exactness(conv, (ids,)).exact

@@ -106,3 +106,24 @@ def test_matmul_linear_and_addmm_signatures():
     m1, m2 = x[0], w.T
     got = pam_ops.pam_addmm(bias, m1, m2, beta=1, alpha=2, rule="approx")
     assert torch.equal(got, bias + 2 * ordered_matmul_reference(m1, m2))  # ×2 is exact in PAM
+
+
+def test_piecewise_affine_nonlinearities_are_close_to_the_float_ones_and_differentiable():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 16, generator=g) * 2
+    F = torch.nn.functional
+    cases = [(pam_ops.pa_softmax_(x, -1, rule="approx"), x.softmax(-1), 0.06),
+             (pam_ops.pa_layer_norm(x, [16], rule="approx"), F.layer_norm(x, [16]), 0.25),
+             (pam_ops.pa_gelu(x, rule="approx"), F.gelu(x), 0.15),
+             (pam_ops.pa_silu(x, rule="approx"), F.silu(x), 0.15),
+             (pam_ops.pa_tanh(x, rule="approx"), x.tanh(), 0.15),
+             (pam_ops.pa_exp(x.clamp(-2, 2), rule="approx") / x.clamp(-2, 2).exp(), torch.ones_like(x), 0.35),
+             (pam_ops.pa_rsqrt(x.abs() + 0.1, rule="approx") * (x.abs() + 0.1).sqrt(), torch.ones_like(x), 0.15)]
+    for got, want, bound in cases:
+        error = (got - want).abs().max()
+        assert 0 < error <= bound, (got, want, error)  # piecewise-affine: close, never the float function
+    weights = pam_ops.pa_softmax_(x, -1, rule="approx")
+    assert ((weights.sum(-1) - 1).abs() < 0.13).all()
+    leaf = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(pam_ops.pa_layer_norm(leaf, [16], rule="approx").square().sum(), leaf)
+    assert grad.isfinite().all() and grad.abs().sum() > 0
