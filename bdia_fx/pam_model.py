@@ -15,6 +15,7 @@ or an export) records the PAM operators (``torch.ops.bdia_pam.*``).
 
 from __future__ import annotations
 
+import copyreg
 import dataclasses
 import functools
 import types
@@ -166,11 +167,27 @@ def pam_class(cls: type) -> type:
             with PAMMode(self.__dict__[_CONFIG_ATTR], type(self).__name__):
                 return original_forward(self, *args, **kwargs)
 
-        _PAM_CLASSES[cls] = type(cls.__name__, (cls,), {
+        _PAM_CLASSES[cls] = _metaclass(type(cls))(cls.__name__, (cls,), {
             "forward": forward, "_bdia_pam_original": cls, "__module__": cls.__module__,
             "__qualname__": f"{cls.__qualname__}[pam]",
         })
     return _PAM_CLASSES[cls]
+
+
+_METACLASSES: dict[type, type] = {}
+
+
+def _metaclass(meta: type) -> type:
+    """A subclass of ``meta`` for PAM classes, registered with copyreg: a PAM class pickles as
+    ``pam_class(original)`` (so PAM models and convert's proxies of them pickle)."""
+    if meta not in _METACLASSES:
+        _METACLASSES[meta] = type(f"PAM{meta.__name__}", (meta,), {})
+        copyreg.pickle(_METACLASSES[meta], _reduce_pam_class)
+    return _METACLASSES[meta]
+
+
+def _reduce_pam_class(cls: type) -> tuple:
+    return pam_class, (cls._bdia_pam_original,)
 
 
 def pam(model: nn.Module, example_inputs: tuple | torch.Tensor = (), example_kwargs: dict | None = None,

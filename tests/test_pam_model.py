@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import pickle
 
 import pytest
 import torch
@@ -67,7 +68,12 @@ def test_eager_model_and_rewritten_graph_agree_bit_for_bit():
     pam_model = bdia_fx.pam(model, (ids,))
     report = bdia_fx.pam_report_of(pam_model)
     assert {n.kind for n in report.replaced} == {"linear", "attention"}
-    assert torch.equal(pam_model(ids), bdia_fx.pam_graph_of(pam_model)(ids))
+    out = pam_model(ids)
+    assert torch.equal(out, bdia_fx.pam_graph_of(pam_model)(ids))
+    with torch.no_grad():  # eval without grad: nn.MultiheadAttention's native fast path is not taken
+        assert torch.equal(pam_model.eval()(ids), out)
+    loaded = pickle.loads(pickle.dumps(pam_model))
+    assert type(loaded) is type(pam_model) and torch.equal(loaded(ids), out)
 
 
 def test_refusals():
@@ -100,6 +106,8 @@ def test_convert_of_a_pam_model_is_exact_and_reverts_to_it(granularity):
     assert_close(got, want)
     _, float_grads = grads(bdia_fx.convert(model, (ids,), config=BDIAConfig(mode="stored")), (ids,), {}, 3)
     assert not torch.equal(got[0], float_grads[0])  # the PAM chain, not the float one
+    loaded = pickle.loads(pickle.dumps(conv))  # convert's proxies of PAM classes pickle too
+    assert type(loaded.blocks[0]).__mro__[1] is type(pam_model.blocks[0])
     reverted = bdia_fx.revert(conv)
     assert type(reverted) is type(pam_model) and bdia_fx.pam_report_of(reverted) is bdia_fx.pam_report_of(pam_model)
     assert torch.equal(reverted.eval()(ids), pam_model.eval()(ids))
