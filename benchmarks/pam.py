@@ -11,7 +11,7 @@ scalar multiplications per training step that PAM replaces (3 × those of the fo
 backward makes two PAM products per forward product; an upper bound where an operand needs no
 gradient; a nonlinear node counts one per output element). Writes a JSON and a plot.
 
-    python benchmarks/pam.py [--json results/pam.json] [--plot docs/pam.png]   # 3 seeds, about 10 min on 1 core
+    python benchmarks/pam.py [--json results/pam.json] [--plot docs/pam.png]   # 3 seeds: 813 s (docs/pam.md)
     python benchmarks/pam.py --quick                                            # 2 seeds, short runs
 """
 
