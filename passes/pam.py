@@ -72,10 +72,10 @@ class PAMReport:
     replaced: list[PAMNode] = field(default_factory=list)
     left: list[PAMNode] = field(default_factory=list)
 
-    def forward_products(self, replaced: bool = True) -> int:
-        """Scalar multiplications one forward at the captured shapes makes in the replaced (or the left,
-        counted where shapes tell: matmul-like left nodes) nodes."""
-        return sum(n.products for n in (self.replaced if replaced else self.left))
+    def forward_products(self) -> int:
+        """Scalar multiplications one forward at the captured shapes makes in the replaced nodes (a
+        nonlinear node counts one per output element)."""
+        return sum(n.products for n in self.replaced)
 
     def __str__(self) -> str:
         counts: dict[str, int] = {}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bdia_fx.pam_math import (
     pa_exp2,
@@ -55,6 +57,16 @@ def test_equals_the_float64_formula_on_200k_pairs(op, divide):
     got, want = op(a, b), pam_reference(a, b, divide=divide)
     bad = ~same_bits(got, want)
     assert not bad.any(), f"{int(bad.sum())} mismatches: {a[bad][:3]}, {b[bad][:3]}: {got[bad][:3]} vs {want[bad][:3]}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(width=32), st.floats(width=32))
+def test_scalar_pam_equals_the_formula_on_hypothesis_edge_cases(a, b):
+    """Hypothesis favours the edges: ±0, subnormals, the largest finite values, ±inf, NaN."""
+    a, b = torch.tensor([a], dtype=torch.float32), torch.tensor([b], dtype=torch.float32)
+    assert same_bits(pam_mul(a, b), pam_reference(a, b)).all()
+    assert same_bits(pam_div(a, b), pam_reference(a, b, divide=True)).all()
+    assert same_bits(pam_mul(a, b), pam_mul(b, a)).all()  # commutative: the bit sum is
 
 
 def test_bit_pattern_addition_of_the_paper_on_normal_operands():
