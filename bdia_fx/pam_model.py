@@ -69,7 +69,7 @@ class PAMState:
 
 _T = torch.Tensor
 TORCH_FUNCTIONS: dict[Any, tuple[str, bool]] = {  # torch function -> (function name, operands swapped)
-    **dict.fromkeys([F.linear], ("linear", False)),
+    F.linear: ("linear", False),
     **dict.fromkeys([torch.matmul, _T.matmul, _T.__matmul__], ("matmul", False)),
     _T.__rmatmul__: ("matmul", True),
     **dict.fromkeys([torch.mm, _T.mm], ("mm", False)),
@@ -83,6 +83,7 @@ TORCH_FUNCTIONS: dict[Any, tuple[str, bool]] = {  # torch function -> (function 
     **dict.fromkeys([torch.div, torch.divide, torch.true_divide, _T.div, _T.divide, _T.true_divide,
                      _T.__truediv__], ("div", False)),
     _T.__rtruediv__: ("div", True),
+    **dict.fromkeys([_T.div_, _T.__itruediv__], ("div_", False)),
     **dict.fromkeys([torch.softmax, _T.softmax, F.softmax], ("softmax", False)),
     **dict.fromkeys([torch.exp, _T.exp], ("exp", False)),
     **dict.fromkeys([torch.rsqrt, _T.rsqrt], ("rsqrt", False)),
@@ -91,8 +92,8 @@ TORCH_FUNCTIONS: dict[Any, tuple[str, bool]] = {  # torch function -> (function 
     **dict.fromkeys([torch.tanh, _T.tanh, F.tanh], ("tanh", False)),
     F.gelu: ("gelu", False),
     F.silu: ("silu", False),
-    **dict.fromkeys([_T.div_, _T.__itruediv__], ("div_", False)),
 }
+
 
 class PAMMode(TorchFunctionMode):
     """Runs the multiplying torch functions of :data:`TORCH_FUNCTIONS` as PAM (see the module docstring)."""
