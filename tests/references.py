@@ -1,4 +1,5 @@
-"""Independent references: the BDIA training forward of docs/design.md written out in plain autograd."""
+"""Independent references: the BDIA training forward of docs/design.md written out in plain autograd, and
+the piecewise-affine product of docs/pam.md as its float64 formula (no bit patterns)."""
 
 from __future__ import annotations
 
