@@ -30,11 +30,11 @@ _EXPORTS = {
     "verify_onnx": "bdia_fx.export",
     "is_recomputing": "bdia_fx.frame",
     "estimate_saved_bytes": "bdia_fx.memory",
+    "saved_activation_bytes": "bdia_fx.memory",
     "PAMReport": "bdia_fx.passes.pam",
     "pam": "bdia_fx.pam_model",
     "pam_graph_of": "bdia_fx.pam_model",
     "pam_report_of": "bdia_fx.pam_model",
-    "saved_activation_bytes": "bdia_fx.memory",
     "graph_of": "bdia_fx.reversal",
     "revert": "bdia_fx.reversal",
 }
