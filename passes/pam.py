@@ -100,7 +100,7 @@ def decide(function: str, result_dtype: torch.dtype, ops: Collection[str]) -> st
     kind = KINDS[function]
     if kind not in ops:
         return (f"'{kind}' is not in ops" if kind != "nonlinear" else
-                "a nonlinearity, which multiplies inside its kernel ('nonlinear' is not in ops)")
+                "multiplies inside its kernel; its piecewise-affine version needs 'nonlinear' in ops")
     if not result_dtype.is_floating_point:
         return "integer arithmetic (PAM is defined on float32)"
     if result_dtype != torch.float32:
