@@ -31,6 +31,10 @@ _EXPORTS = {
     "is_recomputing": "bdia_fx.frame",
     "estimate_saved_bytes": "bdia_fx.memory",
     "saved_activation_bytes": "bdia_fx.memory",
+    "PAMReport": "bdia_fx.passes.pam",
+    "pam": "bdia_fx.pam_model",
+    "pam_graph_of": "bdia_fx.pam_model",
+    "pam_report_of": "bdia_fx.pam_model",
     "graph_of": "bdia_fx.reversal",
     "revert": "bdia_fx.reversal",
 }
@@ -57,5 +61,7 @@ if TYPE_CHECKING:
     from bdia_fx.export import OnnxCheck, OnnxExport, export_onnx, verify_onnx
     from bdia_fx.frame import is_recomputing
     from bdia_fx.memory import estimate_saved_bytes, saved_activation_bytes
+    from bdia_fx.pam_model import pam, pam_graph_of, pam_report_of
+    from bdia_fx.passes.pam import PAMReport
     from bdia_fx.report import ChainReport
     from bdia_fx.reversal import graph_of, revert

@@ -97,7 +97,27 @@ _PROXY_CLASSES: dict[tuple[type, str], type] = {}
 
 
 def _chain_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    return self._bdia_runtime.run_block(self._bdia_index, self, args, kwargs)
+    with model_modes_suspended():
+        return self._bdia_runtime.run_block(self._bdia_index, self, args, kwargs)
+
+
+@contextlib.contextmanager
+def model_modes_suspended() -> Iterator[None]:
+    """Run the body outside the ``TorchFunctionMode``s that belong to the model's own code (those with
+    ``model_scoped = True``, as ``bdia_fx.pam``'s): the chain runtime's fixed-point arithmetic must be
+    the same in forward and in backward, where no such mode is active; the blocks push theirs again."""
+    suspended = []
+    while torch._C._len_torch_function_stack() and getattr(_top_function_mode(), "model_scoped", False):
+        suspended.append(torch._C._pop_torch_function_stack())
+    try:
+        yield
+    finally:
+        for mode in reversed(suspended):
+            torch._C._push_on_torch_function_stack(mode)
+
+
+def _top_function_mode() -> Any:
+    return torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1)
 
 
 def _gamma0_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -5,6 +5,7 @@
 - :mod:`~bdia_fx.passes.sublayers`: analysis of a block's steps at its residual adds (``granularity="sublayer"``).
 - :mod:`~bdia_fx.passes.plan`: the plan both passes read: chains, blocks, side inputs, steps as callable graphs.
 - :mod:`~bdia_fx.passes.rewrite`: the rewritten graph, each chain one BDIA node.
+- :mod:`~bdia_fx.passes.pam`: which multiplications become piecewise-affine (PAM), and the PAM rewrite.
 - :mod:`~bdia_fx.passes.revert`: the reverse of ``rewrite``, the γ = 0 chain of the blocks' own operations.
 """
 
