@@ -29,6 +29,7 @@ _EXPORTS = {
     "export_onnx": "bdia_fx.export",
     "verify_onnx": "bdia_fx.export",
     "is_recomputing": "bdia_fx.frame",
+    "odeint": "bdia_fx.ode",
     "estimate_saved_bytes": "bdia_fx.memory",
     "saved_activation_bytes": "bdia_fx.memory",
     "graph_of": "bdia_fx.reversal",
@@ -57,5 +58,6 @@ if TYPE_CHECKING:
     from bdia_fx.export import OnnxCheck, OnnxExport, export_onnx, verify_onnx
     from bdia_fx.frame import is_recomputing
     from bdia_fx.memory import estimate_saved_bytes, saved_activation_bytes
+    from bdia_fx.ode import odeint
     from bdia_fx.report import ChainReport
     from bdia_fx.reversal import graph_of, revert
