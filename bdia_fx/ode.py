@@ -275,7 +275,8 @@ def odeint(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], y0: torch
 
 def _check_field(field: Field, t0: float, y0: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
     """f(t0, y0) has y0's shape and dtype, and reads no tensor needing grad outside ``params``."""
-    with torch.enable_grad():
+    # The probe's graph is dropped on return: keep it out of any saved-tensor accounting around the call.
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
         out = field(t0, y0.detach())
     if not isinstance(out, torch.Tensor) or out.shape != y0.shape or out.dtype != y0.dtype:
         raise ValueError(f"func(t, y) must return a tensor of y0's shape {tuple(y0.shape)} and dtype {y0.dtype}, "
