@@ -8,7 +8,7 @@ through dopri5, every activation stored), same tolerances. Reported: the traject
 held-out initial states over [0, 2T] (half of it beyond the training horizon), wall time, and the
 bytes one training step keeps for backward against the number of (fixed) steps.
 
-    python examples/neural_ode.py            # 3 seeds x 600 iterations, about 5 minutes on 2 CPU cores
+    python examples/neural_ode.py            # 3 seeds x 600 iterations, about 6 minutes on 2 CPU cores
     python examples/neural_ode.py --quick    # 1 seed x 120 iterations, under a minute
 """
 
