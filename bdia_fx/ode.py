@@ -97,6 +97,9 @@ class _Solve:
                     h_next = h * min(MAX_FACTOR, max(MIN_FACTOR, factor))
                     if ratio > 1.0:
                         h = h_next
+                        if h <= 1e-14 * max(abs(t), abs(end)):
+                            raise RuntimeError(f"odeint: the step size underflowed (h={h:.3g}) at t={t:.6g}: the "
+                                               "error estimate keeps failing; loosen rtol/atol or check func")
                         continue
                 codes, values = new_codes, new_values
                 steps.append(h)
@@ -108,7 +111,8 @@ class _Solve:
             outputs.append(read(codes[0], bits, dtype) if values is None else values[0])
         return _Run(outputs, codes, steps, counts, fp.checksum(code0))
 
-    def _step(self, t: float, h: float, codes, values, index: int):
+    def _step(self, t: float, h: float, codes: list[torch.Tensor], values: list[torch.Tensor] | None,
+              index: int) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, float]:
         """One step: its codes and values, and its error ratio (0 for fixed steps); range checked."""
         bits, dtype = self.frac_bits, self.dtype
         errors: list[torch.Tensor] = []

@@ -168,6 +168,16 @@ def test_leaving_the_fixed_point_range_raises():
         bdia_fx.odeint(lambda t, z: 10 * z, z0, torch.tensor([0.0, 3.0], dtype=torch.float64), step_size=0.1)
 
 
+def test_an_error_estimate_that_never_passes_stops_with_a_clear_error():
+    def noise(t, z):
+        return torch.randn_like(z) * 1e9  # the estimate does not shrink with h
+
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="step size underflowed"):
+        bdia_fx.odeint(noise, torch.tensor([1.0], dtype=torch.float64), torch.tensor([0.0, 2.0], dtype=torch.float64),
+                       scheme="reversible_bosh3", rtol=1e-6, atol=1e-8)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"y0": torch.tensor([1], dtype=torch.int64)}, "y0 must be"),
     ({"t": torch.tensor([0.0, 0.0])}, "strictly increasing"),
