@@ -139,6 +139,28 @@ def test_memory_is_the_final_state_plus_one_scalar_per_step():
     assert stored[100] - stored[10] > 100 * (reversible[100] - reversible[10])
 
 
+def test_adaptive_runs_keep_one_scalar_per_accepted_step():
+    f = Field()
+    calls = []
+    counted = lambda t, z: calls.append(1) or f(t, z)  # noqa: E731
+    z0 = torch.randn(64, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.5, 3.0], dtype=torch.float64)
+
+    def solve(tol: float) -> torch.Tensor:
+        return bdia_fx.odeint(counted, z0, t, scheme="alf", rtol=tol, atol=tol, params=list(f.parameters()))
+
+    measured = {}
+    for rtol in (1e-3, 1e-6):
+        out = solve(rtol)
+        calls.clear()
+        out.sum().backward()
+        steps = len(calls) - 1  # backward evaluates the leapfrog's field once per accepted step, once for v_0
+        measured[rtol] = steps, bdia_fx.saved_activation_bytes(f, lambda tol=rtol: solve(tol).sum())
+    (few, small), (many, large) = measured[1e-3], measured[1e-6]
+    assert many > 5 * few, measured
+    assert large - small == 8 * (many - few)
+
+
 def test_closure_tensors_needing_grad_must_be_passed_as_params():
     w = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
     z0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
