@@ -168,7 +168,7 @@ def main() -> None:
         for name in RUNS:
             f = copy.deepcopy(initial)
             run = train(f, solver(name, args.scheme, args.tol), data, args, seed)
-            with torch.no_grad():
+            with torch.no_grad():  # both models evaluated by the same tight solve (the learnt flow itself)
                 pred = bdia_fx.odeint(f, torch.tensor(test_z0, dtype=torch.float32),
                                       torch.tensor(t_eval, dtype=torch.float32), scheme="reversible_dopri5",
                                       rtol=1e-6, atol=1e-6)
