@@ -29,6 +29,7 @@ _EXPORTS = {
     "export_onnx": "bdia_fx.export",
     "verify_onnx": "bdia_fx.export",
     "is_recomputing": "bdia_fx.frame",
+    "odeint": "bdia_fx.ode",
     "estimate_saved_bytes": "bdia_fx.memory",
     "saved_activation_bytes": "bdia_fx.memory",
     "PAMReport": "bdia_fx.passes.pam",
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
     from bdia_fx.export import OnnxCheck, OnnxExport, export_onnx, verify_onnx
     from bdia_fx.frame import is_recomputing
     from bdia_fx.memory import estimate_saved_bytes, saved_activation_bytes
+    from bdia_fx.ode import odeint
     from bdia_fx.pam_model import pam, pam_graph_of, pam_report_of
     from bdia_fx.passes.pam import PAMReport
     from bdia_fx.report import ChainReport

@@ -22,6 +22,10 @@ CODE_LIMIT = 2**29
 both below it, the update codes b = round(y) − 2γ·code(x_k) stay below 2^30, and γ(a − s) + b and
 the inverse's 2γ(c − b) + s stay inside int32."""
 
+WIDE_CODE_LIMIT = 2**60
+"""|code| bound for int64 codes (the ODE schemes' state and rounded increments, ``bdia_fx.schemes``):
+a part plus one rounded increment, each below it, stays below 2^61, inside int64."""
+
 
 def exact_range(frac_bits: int) -> float:
     """The largest |x| the chain holds exactly: 2^(29 − l)."""
@@ -40,15 +44,17 @@ def value_range(t: torch.Tensor) -> torch.Tensor:
     return torch.stack(torch.aminmax(t))
 
 
-def _round(scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round ``scaled`` (a fresh float tensor) in place; its int32 codes and its value range."""
+def _round(scaled: torch.Tensor, code_dtype: torch.dtype = torch.int32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round ``scaled`` (a fresh float tensor) in place; its integer codes and its value range."""
     scaled.round_()
-    return scaled.to(torch.int32), value_range(scaled)
+    return scaled.to(code_dtype), value_range(scaled)
 
 
-def to_codes(x: torch.Tensor, frac_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``round(x · 2^l)`` as int32 codes, and their range (judge it with :func:`range_problem`)."""
-    return _round(x.to(compute_dtype(x.dtype)).mul(2.0**frac_bits))
+def to_codes(x: torch.Tensor, frac_bits: int,
+             code_dtype: torch.dtype = torch.int32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``round(x · 2^l)`` as integer codes (int32, or int64 for the ODE schemes), and the range of
+    the rounded values (judge it with :func:`range_problem`, or against :data:`WIDE_CODE_LIMIT`)."""
+    return _round(x.to(compute_dtype(x.dtype)).mul(2.0**frac_bits), code_dtype)
 
 
 def range_problem(low: float, high: float, frac_bits: int, dtype: torch.dtype | None = None) -> str | None:

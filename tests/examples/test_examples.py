@@ -69,3 +69,22 @@ def test_toy_language_rules():
         assert target.split()[-1] in toy.VERBS.values()  # subject-object-verb
     assert toy.corpus_bleu(["ka neko miru"], ["ka neko miru"], order=3) == pytest.approx(1.0)
     assert toy.corpus_bleu(["ka neko ko inu miru"], ["ren tori"]) == 0.0
+
+
+def test_neural_ode_learns_the_pendulum_and_keeps_constant_memory(tmp_path):
+    pytest.importorskip("torchdiffeq")
+    stdout = _run_quick("neural_ode.py", tmp_path)
+    result = json.loads((tmp_path / "results.json").read_text())
+    runs = result["runs"]
+    assert set(runs) == {"reversible", "direct backprop"}
+    for (run,) in runs.values():  # --quick: one seed
+        assert sum(run["losses"][-10:]) / 10 < 0.5 * run["losses"][0]  # both runs learn
+        assert run["rms_error_train_horizon"] < 1.0  # the states are O(1): a learnt field, not noise
+    memory = result["memory_by_steps"]
+    reversible, direct = memory["reversible"], memory["direct backprop"]
+    steps = memory["steps"]
+    assert reversible[-1] - reversible[0] == 8 * (steps[-1] - steps[0])  # one float64 step size per step
+    assert direct[-1] > 100 * reversible[-1]
+    assert (tmp_path / "neural_ode.png").read_bytes()[:8] == PNG
+    assert result["gradient_agreement_at_init"] < 1e-3  # the two solvers' gradients differ by discretisation only
+    assert "bytes kept for backward" in stdout

@@ -1,0 +1,329 @@
+"""Reversible integrator schemes in fixed point: the state they carry, their steps as shears, exact inverses.
+
+Pure math on int64 codes (``bdia_fx.fixed_point``), no autograd Function and no step-size control
+(those are ``bdia_fx.odeint``'s). The design is in ``docs/schemes.md``.
+
+Note: [shears]. A scheme's state is a tuple of parts (part 0 is the solution z; the others are the
+scheme's own, e.g. the leapfrog's velocity). Every step is a sequence of *shears*
+
+    p_i ← σ·p_i + Q[g(p_j, j ≠ i)],   σ = ±1,
+
+and in codes ``code(p_i') = σ·code(p_i) + round(g · 2^l)``: one rounding of g, then integer
+arithmetic. g reads only the other parts, which the shear leaves unchanged, so recomputing it
+from them gives the same codes and ``code(p_i) = σ·(code(p_i') − round(g · 2^l))`` undoes the
+shear bit for bit, with no side information, whatever g is (any coefficients, step sizes, vector
+field). A composition of shears inverts shear by shear in reverse order. So every scheme here
+stores nothing per step but its step size (``side_bits = 0``, unlike BDIA's one bit per element).
+
+A scheme also says how it starts (shears that fill its extra parts from z_0, the extra parts
+starting at zero) and gives a local error estimate for adaptive steps (forward only: it decides
+the step size, which is stored, so the inverse never needs it).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from bdia_fx import fixed_point as fp
+
+Field = Callable[[float, torch.Tensor], torch.Tensor]
+"""A vector field f(t, z): time as a Python float, a state value in the solution's dtype."""
+
+Reads = Sequence["torch.Tensor | None"]
+"""The parts a shear's increment may read: the values of all parts, ``None`` at its own target."""
+
+
+@dataclass(frozen=True)
+class Shear:
+    """``part[target] ← sign · part[target] + Q[increment(parts)]``; ``increment`` must not read its target
+    (it receives ``None`` there)."""
+
+    target: int
+    increment: Callable[[Reads], torch.Tensor]
+    sign: int = 1
+
+
+# ---------------------------------------------------------------- shears on codes
+def read(codes: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The value ``code · 2^-l`` of int64 codes in ``dtype`` (what the vector field reads)."""
+    return fp.from_codes(codes, frac_bits, dtype)
+
+
+def _reads(codes: Sequence[torch.Tensor], target: int, frac_bits: int, dtype: torch.dtype) -> list[torch.Tensor | None]:
+    return [None if i == target else read(c, frac_bits, dtype) for i, c in enumerate(codes)]
+
+
+def _magnitude(t: torch.Tensor) -> torch.Tensor:
+    """max |t| as a float64 device scalar (NaN propagates)."""
+    return t.abs().amax().to(torch.float64) if t.numel() else t.new_zeros((), dtype=torch.float64)
+
+
+def apply_shear(shear: Shear, codes: Sequence[torch.Tensor], frac_bits: int, dtype: torch.dtype,
+                values: Sequence[torch.Tensor] | None = None
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor]:
+    """One shear forward: the new codes, and ``max |code|`` over the rounded increment and the new part
+    (a float64 device scalar; compare it with :data:`fixed_point.WIDE_CODE_LIMIT`).
+
+    With ``values`` (the parts' values as autograd tensors, equal to the codes' values) the increment is
+    computed from them and the new values carry its straight-through gradient: this is the
+    stored-activation run of the same arithmetic, whose forward numbers are the codes' exactly.
+    """
+    target = shear.target
+    reads = _reads(codes, target, frac_bits, dtype) if values is None else \
+        [None if i == target else v for i, v in enumerate(values)]
+    increment = shear.increment(reads)
+    b, _ = fp.to_codes(increment.detach(), frac_bits, torch.int64)
+    new = list(codes)
+    new[target] = codes[target] * shear.sign + b if shear.sign != 1 else codes[target] + b
+    check = torch.maximum(_magnitude(b), _magnitude(new[target]))
+    if values is None:
+        return new, None, check
+    expression = values[target] * shear.sign + increment
+    new_values = list(values)
+    new_values[target] = read(new[target], frac_bits, dtype) + (expression - expression.detach())
+    return new, new_values, check
+
+
+def undo_shear(shear: Shear, codes: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], frac_bits: int,
+               dtype: torch.dtype, params: Sequence[torch.Tensor]
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None]]:
+    """One shear backward: the codes before it (bit-exact), the gradients w.r.t. the parts before it, and
+    the gradients w.r.t. ``params`` (``None`` where unused), from the codes and gradients after it.
+
+    The increment is recomputed once, with gradients, and serves both the inversion and the
+    vector–Jacobian product (straight-through for Q): g_target ← σ·g_target, g_j += (∂g/∂p_j)ᵀ g_target.
+    """
+    target = shear.target
+    reads = [None if r is None else r.requires_grad_() for r in _reads(codes, target, frac_bits, dtype)]
+    with torch.enable_grad():
+        increment = shear.increment(reads)
+    b, _ = fp.to_codes(increment.detach(), frac_bits, torch.int64)
+    before = list(codes)
+    before[target] = (codes[target] - b) * shear.sign if shear.sign != 1 else codes[target] - b
+    g = grads[target]
+    new_grads = list(grads)
+    new_grads[target] = g * shear.sign if shear.sign != 1 else g
+    param_grads: list[torch.Tensor | None] = [None] * len(params)
+    if increment.requires_grad:
+        read_index = [i for i, r in enumerate(reads) if r is not None]
+        inputs = [reads[i] for i in read_index] + list(params)
+        vjp = torch.autograd.grad(increment, inputs, g, allow_unused=True)
+        for i, gi in zip(read_index, vjp):
+            if gi is not None:
+                new_grads[i] = new_grads[i] + gi
+        param_grads = list(vjp[len(read_index):])
+    return before, new_grads, param_grads
+
+
+def float_shears(shears: Sequence[Shear], values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The shears on floating-point values without quantization (the scheme's plain float form)."""
+    values = list(values)
+    for shear in shears:
+        reads = [None if i == shear.target else v for i, v in enumerate(values)]
+        values[shear.target] = values[shear.target] * shear.sign + shear.increment(reads)
+    return values
+
+
+# ---------------------------------------------------------------- the scheme interface
+class Scheme(ABC):
+    """A reversible one-step scheme written as shears (see Note: [shears]).
+
+    ``parts`` names the state it carries (part 0 is the solution); ``order`` is its claimed order
+    (``tests/test_schemes.py`` measures it); ``error_order`` is the order q of its local error
+    estimate (the estimate scales as h^(q+1); the step controller uses it); ``side_bits`` is what it
+    stores per element per step beside the step size.
+    """
+
+    name: str
+    order: int
+    error_order: int
+    parts: tuple[str, ...]
+    side_bits: int = 0
+
+    @abstractmethod
+    def start(self, f: Field, t0: float) -> list[Shear]:
+        """Shears that fill parts 1… from part 0 = z_0 (the extra parts start at zero); never part 0."""
+
+    @abstractmethod
+    def step(self, f: Field, t: float, h: float, errors: list[torch.Tensor] | None = None) -> list[Shear]:
+        """The shears of one step from t to t + h. In forward, ``errors`` collects what increments know
+        about the local error (``None`` in backward)."""
+
+    @abstractmethod
+    def error(self, f: Field, t: float, h: float, before: Sequence[torch.Tensor], after: Sequence[torch.Tensor],
+              errors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """A local error estimate of part 0 for the step from ``before`` to ``after`` (values)."""
+
+    def float_step(self, f: Field, t: float, h: float, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """One step on float values without quantization: the scheme's inference form."""
+        return float_shears(self.step(f, t, h), values)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, order {self.order})"
+
+
+class AsyncLeapfrog(Scheme):
+    """The asynchronous leapfrog (MALI, Zhuang et al. 2021), state (z, v), v_0 = f(t_0, z_0):
+
+        s = z + Q[(h/2)v];  v' = −v + Q[2 f(t + h/2, s)];  z' = s + Q[(h/2)v'].
+
+    Symmetric (its inverse is the step with −h from t + h), second order; local error estimate
+    (h/2)(u − v) = (h/4)(v' − v) with u = f(t + h/2, s).
+    """
+
+    name = "alf"
+    order = 2
+    error_order = 1
+    parts = ("z", "v")
+
+    def start(self, f: Field, t0: float) -> list[Shear]:
+        return [Shear(1, lambda p: f(t0, p[0]))]
+
+    def step(self, f: Field, t: float, h: float, errors: list[torch.Tensor] | None = None) -> list[Shear]:
+        half = h / 2
+        return [Shear(0, lambda p: half * p[1]),
+                Shear(1, lambda p: 2 * f(t + half, p[0]), sign=-1),
+                Shear(0, lambda p: half * p[1])]
+
+    def error(self, f, t, h, before, after, errors):
+        return (h / 4) * (after[1] - before[1])
+
+
+TRIPLE_JUMP = (1 / (2 - 2 ** (1 / 3)), 1 - 2 / (2 - 2 ** (1 / 3)), 1 / (2 - 2 ** (1 / 3)))
+"""Yoshida's triple jump: substeps c_1 h, c_0 h, c_1 h raise a symmetric order-2 method to order 4."""
+
+
+class Composition(Scheme):
+    """Symmetric composition of a base scheme: substeps ``weights[i] · h`` (default the triple jump).
+
+    Still a sequence of shears, so exact in fixed point. Order: the triple jump of a symmetric
+    order-2 one-step method has order 4; for the asynchronous leapfrog, whose velocity update is
+    not a consistent step on its own, this is measured (``tests/test_schemes.py``). Error estimate:
+    the composed step minus one plain base step of h (in floats, forward only: one step of the
+    base's order p, so the estimate scales as h^(p+1)).
+    """
+
+    def __init__(self, base: Scheme, weights: Sequence[float] = TRIPLE_JUMP, order: int | None = None,
+                 name: str | None = None):
+        if not math.isclose(sum(weights), 1.0):
+            raise ValueError(f"weights must sum to 1, got {list(weights)} (sum {sum(weights)})")
+        self.base = base
+        self.weights = tuple(weights)
+        self.order = base.order + 2 if order is None else order
+        self.error_order = base.order
+        self.parts = base.parts
+        self.name = name or f"{base.name}{self.order}"
+
+    def start(self, f: Field, t0: float) -> list[Shear]:
+        return self.base.start(f, t0)
+
+    def step(self, f: Field, t: float, h: float, errors: list[torch.Tensor] | None = None) -> list[Shear]:
+        shears: list[Shear] = []
+        for w in self.weights:
+            shears += self.base.step(f, t, w * h)
+            t += w * h
+        return shears
+
+    def error(self, f, t, h, before, after, errors):
+        return after[0] - self.base.float_step(f, t, h, before)[0]
+
+
+# ---------------------------------------------------------------- explicit Runge–Kutta and its reversible wrapper
+@dataclass(frozen=True)
+class Tableau:
+    """An explicit Runge–Kutta pair: nodes c, rows of a, weights b, and b − b̂ (the embedded estimate)."""
+
+    name: str
+    order: int
+    c: tuple[float, ...]
+    a: tuple[tuple[float, ...], ...]
+    b: tuple[float, ...]
+    b_error: tuple[float, ...]
+
+
+def _pair(name: str, order: int, c, a, b, b_hat) -> Tableau:
+    return Tableau(name, order, tuple(c), tuple(tuple(r) for r in a), tuple(b),
+                   tuple(x - y for x, y in zip(b, b_hat)))
+
+
+BOGACKI_SHAMPINE = _pair("bosh3", 3, (0, 1 / 2, 3 / 4, 1),
+                         ((), (1 / 2,), (0, 3 / 4), (2 / 9, 1 / 3, 4 / 9)),
+                         (2 / 9, 1 / 3, 4 / 9, 0), (7 / 24, 1 / 4, 1 / 3, 1 / 8))
+DORMAND_PRINCE = _pair("dopri5", 5, (0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1, 1),
+                       ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
+                        (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+                        (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+                        (35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)),
+                       (35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0),
+                       (5179 / 57600, 0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40))
+
+
+def rk_increment(tableau: Tableau, f: Field, t: float, h: float, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Φ_h(t, z) = h Σ b_i k_i of one explicit RK step, and its embedded error estimate h Σ (b_i − b̂_i) k_i."""
+    stages: list[torch.Tensor] = []
+    for c, row in zip(tableau.c, tableau.a):
+        z_stage = z
+        for a, k in zip(row, stages):
+            if a:
+                z_stage = z_stage + (h * a) * k
+        stages.append(f(t + c * h, z_stage))
+    increment = sum((h * b) * k for b, k in zip(tableau.b, stages) if b)
+    error = sum((h * e) * k for e, k in zip(tableau.b_error, stages) if e)
+    return increment, error
+
+
+class ReversibleRK(Scheme):
+    """McCallum & Foster's reversible wrapper of an explicit RK step Φ (arXiv 2410.11648) at λ = 1,
+    state (z, y), y_0 = z_0:
+
+        y' = y + Q[Φ_h(t, z)];   z' = z − Q[Φ_{−h}(t + h, y')].
+
+    Both lines are shears, so the step is exact in fixed point with no side bits. (Their λ < 1
+    damps the y − z coupling but needs a division by λ to invert, which is not exact on integer
+    codes; λ = 1 is the shear case.) Order: the base method's (measured). Error estimate: the
+    base pair's embedded estimate of the y update.
+    """
+
+    error_order: int
+    parts = ("z", "y")
+
+    def __init__(self, tableau: Tableau):
+        self.tableau = tableau
+        self.order = tableau.order
+        self.error_order = tableau.order - 1
+        self.name = f"reversible_{tableau.name}"
+
+    def start(self, f: Field, t0: float) -> list[Shear]:
+        return [Shear(1, lambda p: p[0])]
+
+    def step(self, f: Field, t: float, h: float, errors: list[torch.Tensor] | None = None) -> list[Shear]:
+        def y_update(p: Reads) -> torch.Tensor:
+            increment, error = rk_increment(self.tableau, f, t, h, p[0])
+            if errors is not None:
+                errors.append(error.detach())
+            return increment
+
+        return [Shear(1, y_update), Shear(0, lambda p: -rk_increment(self.tableau, f, t + h, -h, p[1])[0])]
+
+    def error(self, f, t, h, before, after, errors):
+        return errors[0]
+
+
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (AsyncLeapfrog(), Composition(AsyncLeapfrog()),
+                                                   ReversibleRK(BOGACKI_SHAMPINE), ReversibleRK(DORMAND_PRINCE))}
+"""The built-in schemes by name: ``alf`` (order 2), ``alf4`` (its triple jump, order 4),
+``reversible_bosh3`` (order 3), ``reversible_dopri5`` (order 5)."""
+
+
+def scheme_of(scheme: str | Scheme) -> Scheme:
+    """A :class:`Scheme` from itself or its name; ValueError naming the known ones otherwise."""
+    if isinstance(scheme, Scheme):
+        return scheme
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be a Scheme or one of {sorted(SCHEMES)}, got {scheme!r}")
+    return SCHEMES[scheme]
