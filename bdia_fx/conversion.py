@@ -229,7 +229,10 @@ def _plan(model: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) ->
                        len(report.rejections), "; ".join(f"'{r.container}': {r.reason}" for r in report.rejections))
     if state.config.granularity == "sublayer":
         report = _with_step_ends(report, check_sublayers(ep, report))  # refuses blocks not cut at their adds
-    slots = {chain.container: stream_slots(chain.block_paths, calls) for chain in report.chains}
+    # A branch chain's modules receive the parent's sum, never what the previous one returned: their
+    # stream is their first float argument, and each call is checked to be the parent's add (runtime).
+    slots = {chain.container: ([StreamSlots() for _ in chain.blocks] if chain.branch
+                               else stream_slots(chain.block_paths, calls)) for chain in report.chains}
     if not state.runtimes:
         modules = dict(model.named_modules())
         for chain in report.chains:
@@ -238,7 +241,7 @@ def _plan(model: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) ->
             runtime = ChainRuntime(
                 chain.container, chain.block_paths, blocks, [original_class(b) for b in blocks],
                 state.config, batch_dim, [b.random for b in chain.blocks], slots[chain.container],
-                _plan_sublayers if state.config.granularity == "sublayer" else None,
+                _plan_sublayers if state.config.granularity == "sublayer" else None, chain.branch,
             )
             for index, block in enumerate(blocks):
                 install_proxy(block, runtime, index)

@@ -198,6 +198,7 @@ class ChainFrame:
         self.top: torch.Tensor | None = None
         self.prev: torch.Tensor | None = None
         self.stream: torch.Tensor | None = None
+        self.branch_io: tuple | None = None  # branch chains: (returned, passed in, version of returned)
         self.update: torch.Tensor | None = None
         self.rebuild = None  # the running block's output structure around its stream
         self.next_block = 0

@@ -124,7 +124,7 @@ def _gamma0_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     from bdia_fx.runtime import gamma0_block_forward
 
     return gamma0_block_forward(self, original_class(self), args, kwargs, self._bdia_frac_bits,
-                                self._bdia_index == 0, self._bdia_path, self._bdia_slots)
+                                self._bdia_index == 0, self._bdia_path, self._bdia_slots, self._bdia_branch)
 
 
 CHECKPOINT_FORMS = {  # kind -> (early stop, reentrant)
@@ -232,19 +232,22 @@ def boundary_suspended(module: nn.Module) -> Iterator[None]:
             module.__dict__["forward"] = boundary
 
 
-def install_gamma0_proxy(block: nn.Module, index: int, frac_bits: int, path: str, slots: Any) -> None:
-    """Make ``block`` step k = ``index`` of the quantized γ = 0 chain (``slots``: where its stream is)."""
+def install_gamma0_proxy(block: nn.Module, index: int, frac_bits: int, path: str, slots: Any,
+                         branch: bool = False) -> None:
+    """Make ``block`` step k = ``index`` of the quantized γ = 0 chain (``slots``: where its stream is;
+    ``branch``: the block computes h(x) only and the parent adds the stream)."""
     block.__class__ = proxy_class(original_class(block), "gamma0")
     block._bdia_index = index
     block._bdia_frac_bits = frac_bits
     block._bdia_path = path
     block._bdia_slots = slots
+    block._bdia_branch = branch
 
 
 def remove_proxy(block: nn.Module) -> None:
     """Undo :func:`install_proxy` / :func:`install_gamma0_proxy`."""
     block.__class__ = original_class(block)
-    for name in ("_bdia_runtime", "_bdia_index", "_bdia_frac_bits", "_bdia_path", "_bdia_slots"):
+    for name in ("_bdia_runtime", "_bdia_index", "_bdia_frac_bits", "_bdia_path", "_bdia_slots", "_bdia_branch"):
         block.__dict__.pop(name, None)
 
 

@@ -48,6 +48,7 @@ class BlockInfo:
     n_nodes: int
     stream_shape: tuple[int, ...] | None = None
     step_ends: tuple[str, ...] = ()  # granularity="sublayer": the residual add ending each step
+    branch: bool = False  # the module computes h(x) only; the residual add is in the parent's code
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,11 @@ class ChainInfo:
     @property
     def block_paths(self) -> tuple[str, ...]:
         return tuple(b.path for b in self.blocks)
+
+    @property
+    def branch(self) -> bool:
+        """Whether the residual adds are in the parent's code (the blocks compute h(x) only)."""
+        return self.blocks[0].branch
 
     @property
     def side_inputs(self) -> tuple[SideInput, ...]:

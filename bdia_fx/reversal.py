@@ -53,7 +53,8 @@ def revert(model: nn.Module, quantize: bool = False) -> nn.Module:
         for index, path in enumerate(runtime.block_paths):
             remove_proxy(modules[path])
             if quantize:
-                install_gamma0_proxy(modules[path], index, state.config.frac_bits, path, runtime.slots[index])
+                install_gamma0_proxy(modules[path], index, state.config.frac_bits, path, runtime.slots[index],
+                                     runtime.branch)
     _REVERTED[clone] = RevertedInfo(graph, quantize, state.config.frac_bits)
     return clone
 

@@ -62,13 +62,15 @@ def capture_mode() -> Iterator[None]:
 
 
 def gamma0_block_forward(block: nn.Module, original: type, args: tuple, kwargs: dict, frac_bits: int,
-                         first: bool, where: str, slots: StreamSlots) -> Any:
-    """One step of the quantized γ = 0 chain: x_{k+1} = Q[f_k(x_k)], with x_0 = Q[x_in] if ``first``."""
-    x, call = split_call(args, kwargs, slots, where)
-    if first:
-        x = fp.quantize(x, frac_bits)
+                         first: bool, where: str, slots: StreamSlots, branch: bool = False) -> Any:
+    """One step of the quantized γ = 0 chain: x_{k+1} = Q[f_k(x_k)], with x_0 = Q[x_in] if ``first``.
+    A ``branch`` module (its residual add in the parent) returns x_{k+1} − x_in for the parent to add."""
+    x_in, call = split_call(args, kwargs, slots, where)
+    x = fp.quantize(x_in, frac_bits) if first else x_in
     f_args, f_kwargs = call.with_stream(x)
     f, rebuild = split_output(original.forward(block, *f_args, **f_kwargs), slots, where)
+    if branch:
+        return rebuild(fp.quantize(x + f, frac_bits) - x_in)
     return rebuild(fp.quantize(f, frac_bits))
 
 
@@ -220,8 +222,9 @@ class ChainRuntime:
 
     def __init__(self, container: str, block_paths: tuple[str, ...], blocks: list[nn.Module],
                  originals: list[type], config: BDIAConfig, batch_dim: int, random_blocks: list[bool],
-                 slots: list[StreamSlots], plan_sublayers: SublayerPlanner | None = None):
+                 slots: list[StreamSlots], plan_sublayers: SublayerPlanner | None = None, branch: bool = False):
         self.container = container
+        self.branch = branch  # the blocks compute h(x) only; the parent adds the stream (x = h(x) + x)
         self.block_paths = block_paths
         self.blocks = blocks
         self.originals = originals
@@ -252,18 +255,21 @@ class ChainRuntime:
             if not self.config.quantize_eval:
                 return original.forward(block, *args, **kwargs)
             return gamma0_block_forward(block, original, args, kwargs, self.config.frac_bits, index == 0, where,
-                                        self.slots[index])
+                                        self.slots[index], self.branch)
         x, call = split_call(args, kwargs, self.slots[index], where)
         if index == 0:
             if x.dim() <= self.batch_dim:
                 raise ConversionError(f"stream has {x.dim()} dims, no batch dim {self.batch_dim}", module=where)
             self._frame = ChainFrame(self.container, x, self.config, self.batch_dim, tuple(self.observers))
+        elif self.branch:
+            self._accept_parent_add(index, x)
         else:
             self._accept(index, x)
         frame = self._frame
         frame.next_block = index + 1
+        passed, x = x, (x if index == 0 else frame.out)  # a branch chain steps from its own exact stream
         try:
-            return self._train_block(frame, index, block, original, x, call)
+            return self._train_block(frame, index, block, original, x, call, passed)
         except BaseException:
             self._frame = None  # a failed call keeps nothing alive until the next one
             raise
@@ -292,9 +298,35 @@ class ChainRuntime:
                 "of the stream, so the change would be lost in backward; a change made inside a block (a hook on "
                 "one of its submodules) is part of the block and is replayed exactly", module=where)
 
+    def _accept_parent_add(self, index: int, x: torch.Tensor) -> None:
+        """Branch chains: block ``index`` must get the parent's ``h + x`` of what block ``index - 1``
+        returned and the stream it was given, nothing else (checked on the autograd graph; by value
+        when no graph is recorded). The chain then steps from its own exact copy of that sum."""
+        frame, where, before = self._frame, self.block_paths[index], self.block_paths[index - 1]
+        if frame is None or frame.next_block != index:
+            expected = 0 if frame is None else frame.next_block
+            raise ConversionError(
+                f"block {index} of chain '{self.container}' ran out of order (block {expected} was due): the "
+                "blocks of a chain must run in order, each once per call", module=where)
+        returned, passed, version = frame.branch_io
+        if version_of(returned) != version:
+            added = False  # edited in place after the block returned it (a forward hook, the parent)
+        elif x.grad_fn is not None or returned.grad_fn is not None:
+            nexts = {node for node, _ in x.grad_fn.next_functions} if x.grad_fn is not None else set()
+            added = (type(x.grad_fn).__name__ == "AddBackward0" and returned.grad_fn in nexts
+                     and (passed.grad_fn is None or passed.grad_fn in nexts))
+        else:
+            added = torch.equal(x, returned + passed)
+        if not added:
+            raise ConversionError(
+                f"block {index} of chain '{self.container}' got a stream that is not the parent's residual add of "
+                f"'{before}''s output and its input: something between '{before}' and '{where}' changed it (an "
+                "in-place edit, another op in the parent's loop, or a hook). A chain keeps its own exact copy of the "
+                "stream, so nothing may change it between blocks", module=where)
+
     # ------------------------------------------------------------------ training (BDIA)
     def _train_block(self, frame: ChainFrame, index: int, block: nn.Module, original: type, x: torch.Tensor,
-                     call: BlockCall) -> Any:
+                     call: BlockCall, passed: torch.Tensor) -> Any:
         if index == 0:
             x = _EnterChain.apply(x, frame)
         sides = call.side_tensors()
@@ -302,21 +334,24 @@ class ChainRuntime:
             observer.block_called(frame, index, sides)
         x = self._run_steps(frame, index, x, self._steps_of(index, block, original, x, call), sides, call.leaf_name)
         rebuild, frame.rebuild = frame.rebuild, None
+        returned = x - passed if self.branch else x  # the parent adds ``passed`` back: x_{k+1}
         if index < len(self.blocks) - 1:
             frame.out, frame.out_version = x, version_of(x)
-            return rebuild(x)
-        self._frame = None
+            frame.branch_io = (returned, passed, version_of(returned))
+            return rebuild(returned)
+        self._frame, frame.branch_io = None, None
         frame.finish_forward()
-        return rebuild(x)
+        return rebuild(returned)
 
     def _steps_of(self, index: int, block: nn.Module, original: type, x: torch.Tensor,
                   call: BlockCall) -> list[tuple[StepFunction, str, bool]]:
         """The BDIA steps of one block call: the whole block, or one per sequential residual add."""
         where, slots = self.block_paths[index], self.slots[index]
-        if self.config.granularity == "block":
+        if self.config.granularity == "block" or self.branch:  # a branch is one residual add: one step
             def whole(stream: torch.Tensor) -> tuple[torch.Tensor, Any]:
                 f_args, f_kwargs = call.with_stream(stream)
-                return split_output(original.forward(block, *f_args, **f_kwargs), slots, where)
+                f, rebuild = split_output(original.forward(block, *f_args, **f_kwargs), slots, where)
+                return (stream + f if self.branch else f), rebuild
             return [(whole, where, self.random_blocks[index])]
         steps, rebuild = self._plan(index, block, original, x, call)  # plans are per module state too
         tensors = [leaf for i, leaf in enumerate(call.leaves)

@@ -16,28 +16,19 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from bdia_fx.report import BlockInfo, ChainInfo, ChainReport, Rejection, SideInput
+from bdia_fx.passes.branches import find_branch_chains
+from bdia_fx.passes.nodes import (
+    ADD_TARGETS,
+    is_identity,
+    is_mutating,
+    is_random,
+    module_paths,
+    shape_of,
+    side_input,
+)
+from bdia_fx.report import BlockInfo, ChainInfo, ChainReport, Rejection
 
 BLOCK_META_KEY = "bdia_block"
-
-_ADD_TARGETS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
-_CAST_TARGETS = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout,
-                 torch.ops.aten.contiguous.default, torch.ops.aten.clone.default, torch.ops.aten.alias.default}
-_RESHAPE_TARGETS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default}
-_IDENTITY_TARGETS = _CAST_TARGETS | _RESHAPE_TARGETS
-
-
-def _is_identity(node: fx.Node) -> bool:
-    """An op that keeps the values and their row-major order: a cast to the dtype the input already
-    has (RMSNorm's ``x.to(float32)``), a copy, or a reshape (OPT's ``x.view(-1, d)`` around its MLP
-    residual). A skip path through reshapes that ends in the input's shape is the identity."""
-    if node.target not in _IDENTITY_TARGETS or not node.args or not isinstance(node.args[0], fx.Node):
-        return False
-    before, after = node.args[0].meta.get("val"), node.meta.get("val")
-    if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.dtype == after.dtype):
-        return False
-    return before.numel() == after.numel() if node.target in _RESHAPE_TARGETS else before.shape == after.shape
-
 
 @dataclass
 class _BlockScan:
@@ -50,45 +41,6 @@ class _BlockScan:
     problem: tuple[str | None, str] | None = None  # (node name, reason)
     residual_like: bool = False  # a residual block BDIA refuses (post-LN, in-place), not a non-block
     shared: tuple[fx.Node, ...] = ()  # values made from side inputs only, passed out for later blocks
-
-
-def _module_paths(node: fx.Node) -> set[str]:
-    stack = node.meta.get("nn_module_stack") or {}
-    return {path for path, _ in stack.values()}
-
-
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        return tuple(int(s) if isinstance(s, int) else -1 for s in val.shape)
-    return None
-
-
-def _side_input(node: fx.Node) -> SideInput:
-    val = node.meta.get("val")
-    dtype = str(val.dtype).replace("torch.", "") if isinstance(val, torch.Tensor) else None
-    return SideInput(node.name, _shape(node), dtype)
-
-
-def _is_mutating(node: fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    return bool(schema is not None and schema.is_mutable)
-
-
-def _is_random(node: fx.Node) -> bool:
-    """Whether the op draws random numbers (a dropout with a literal p = 0 or train=False does not)."""
-    tags = getattr(node.target, "tags", ())
-    if torch.Tag.nondeterministic_seeded not in tags:
-        return False
-    name = str(getattr(node.target, "overloadpacket", ""))
-    if "scaled_dot_product" in name:  # (q, k, v, attn_mask=None, dropout_p=0.0, ...)
-        p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
-        return not (isinstance(p, (int, float)) and p == 0)
-    if "dropout" in name:  # (input, p, train)
-        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p")
-        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
-        return not ((isinstance(p, (int, float)) and p == 0) or train is False)
-    return True
 
 
 @dataclass(frozen=True)
@@ -118,15 +70,15 @@ def _candidate_containers(model: nn.Module) -> list[_Container]:
 
 def _find_skip_path(out: fx.Node, members: set[fx.Node], inputs: list[fx.Node], want: fx.Node | None):
     """Adds from ``out`` back to a block input of the same shape: the residual skip path."""
-    shape = _shape(out)
+    shape = shape_of(out)
 
     def walk(node: fx.Node, path: tuple[fx.Node, ...]):
         if node not in members:
-            ok = node is want if want is not None else (node in inputs and _shape(node) == shape)
+            ok = node is want if want is not None else (node in inputs and shape_of(node) == shape)
             return (node, path) if ok else None
-        if _is_identity(node):  # e.g. RMSNorm's hidden.to(float32), OPT's (x + h).view(shape)
+        if is_identity(node):  # e.g. RMSNorm's hidden.to(float32), OPT's (x + h).view(shape)
             return walk(node.args[0], path + (node,))
-        if node.target not in _ADD_TARGETS:
+        if node.target not in ADD_TARGETS:
             return None
         for arg in node.args[:2]:
             if isinstance(arg, fx.Node):
@@ -149,7 +101,7 @@ def _scan_block(path: str, nodes: list[fx.Node], params: set[str], want: fx.Node
                     and arg.op != "get_attr"):
                 inputs.append(arg)
     outputs = [n for n in nodes if any(user not in members for user in n.users)]
-    mutated = [n for n in outputs if _is_mutating(n) and n.args and n.args[0] in inputs]
+    mutated = [n for n in outputs if is_mutating(n) and n.args and n.args[0] in inputs]
     if len(outputs) > 1 and mutated:
         node = mutated[0]
         scan.problem = (node.name, f"block modifies its input '{node.args[0].name}' in place ({node.target}, node "
@@ -174,16 +126,16 @@ def _scan_block(path: str, nodes: list[fx.Node], params: set[str], want: fx.Node
     out = outputs[0]
     scan.stream_out = out
     last = out
-    while _is_identity(last) and last.args[0] in members:
+    while is_identity(last) and last.args[0] in members:
         last = last.args[0]
-    hit = _find_skip_path(out, members, inputs, want) if last.target in _ADD_TARGETS else None
+    hit = _find_skip_path(out, members, inputs, want) if last.target in ADD_TARGETS else None
     if hit is None and not residual_only:  # any block map f_k with the stream's shape (BDIAConfig.residual_only)
-        same_shape = [n for n in inputs if _shape(n) == _shape(out)]
+        same_shape = [n for n in inputs if shape_of(n) == shape_of(out)]
         stream_in = want if want in inputs else (same_shape[0] if len(same_shape) == 1 else None)
-        if stream_in is not None and _shape(stream_in) == _shape(out):
+        if stream_in is not None and shape_of(stream_in) == shape_of(out):
             hit, scan.residual_like = (stream_in, ()), True
-    if hit is None and last.target not in _ADD_TARGETS:
-        after_add = any(isinstance(a, fx.Node) and a.target in _ADD_TARGETS for a in out.args)
+    if hit is None and last.target not in ADD_TARGETS:
+        after_add = any(isinstance(a, fx.Node) and a.target in ADD_TARGETS for a in out.args)
         if after_add and "norm" in str(out.target):
             why = ("a post-LN block (normalisation after the residual add) is not x + h(x), so BDIA cannot apply "
                    "(BDIAConfig(residual_only=False) accepts it, experimentally)")
@@ -199,11 +151,11 @@ def _scan_block(path: str, nodes: list[fx.Node], params: set[str], want: fx.Node
     scan.side_inputs = tuple(n for n in inputs if n is not scan.stream_in)
     stream_values = set(scan.skip_path) | {scan.stream_in}
     for node in nodes:
-        if _is_mutating(node) and node.args and node.args[0] in stream_values:
+        if is_mutating(node) and node.args and node.args[0] in stream_values:
             scan.problem = (node.name, f"in-place op {node.target} (node '{node.name}') on the residual stream")
             scan.residual_like = True
             return scan
-        if (_is_mutating(node) and node.args and isinstance(node.args[0], fx.Node)
+        if (is_mutating(node) and node.args and isinstance(node.args[0], fx.Node)
                 and node.args[0].op == "placeholder" and node.args[0].name in params):
             scan.problem = (node.name, f"block updates state '{node.args[0].name}' in place in training "
                             "(e.g. BatchNorm statistics); a recompute would update it twice")
@@ -243,7 +195,7 @@ def _blocks_of(graph: fx.Graph, paths: list[str]) -> dict[str, list[fx.Node]]:
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        for path in _module_paths(node) & wanted:
+        for path in module_paths(node) & wanted:
             found[path].append(node)
     return found
 
@@ -267,7 +219,7 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module,
         if any(container == p or container.startswith(p + ".") for p in claimed):
             continue
         if candidate.shared:
-            if any(_module_paths(n) & set(paths) for n in graph.nodes if n.op == "call_function"):
+            if any(module_paths(n) & set(paths) for n in graph.nodes if n.op == "call_function"):
                 report.rejections.append(Rejection(
                     container, paths[0], None,
                     f"the numbered children of '{container}' are one module object used {len(paths)} times (shared "
@@ -283,10 +235,18 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module,
         for path in called:
             want = scans[-1].stream_out if scans and (scans[-1].problem is None or scans[-1].shared) else None
             scans.append(_scan_block(path, members[path], params, want, residual_only))
-        residual = [s for s in scans if s.problem is None or s.residual_like or s.shared]
+        residual = [s for s in scans if _residual(s)]
         if not residual:
             report.ignored.append((container, "its numbered children are not residual blocks"))
             continue
+        first = next(i for i, scan in enumerate(scans) if _residual(scan))
+        last = max(i for i, scan in enumerate(scans) if _residual(scan)) + 1
+        if (first, last) != (0, len(scans)) and last - first >= 2 and all(map(_residual, scans[first:last])):
+            outside = [scan.path for scan in scans[:first] + scans[last:]]  # e.g. an embedding before the blocks
+            report.notes.append(f"{', '.join(repr(p) for p in outside)} of '{container}' run as they are "
+                                "(not residual blocks, before or after the chain)")
+            claimed.extend(outside)
+            called, scans = called[first:last], scans[first:last]
         if len(residual) < len(scans) and _has_nested_candidate(candidate, candidates):
             report.ignored.append((container, "not all of its numbered children are residual blocks (stages of "
                                               "blocks and downsampling?): chains searched one level deeper"))
@@ -321,16 +281,26 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module,
                         path=s.path,
                         stream_in=s.stream_in.name,
                         stream_out=s.stream_out.name,
-                        side_inputs=tuple(_side_input(n) for n in s.side_inputs),
-                        random=any(_is_random(n) for n in s.nodes),
+                        side_inputs=tuple(side_input(n) for n in s.side_inputs),
+                        random=any(is_random(n) for n in s.nodes),
                         n_nodes=len(s.nodes),
-                        stream_shape=_shape(s.stream_in),
+                        stream_shape=shape_of(s.stream_in),
                     )
                     for s in scans
                 ),
             )
         )
+    owned = {n for n in graph.nodes if BLOCK_META_KEY in n.meta or module_paths(n) & set(claimed)}
+    find_branch_chains(graph, params, mutated_buffers, owned, report, BLOCK_META_KEY)
+    branch_chains = [c.container for c in report.chains if c.branch]
+    report.ignored = [(name, why) for name, why in report.ignored
+                      if not any(name == c or name.startswith(c + ".") for c in branch_chains)]
     return report
+
+
+def _residual(scan: _BlockScan) -> bool:
+    """Whether a scanned child is a residual block (convertible, or refused for a reason of its own)."""
+    return scan.problem is None or scan.residual_like or bool(scan.shared)
 
 
 def _has_nested_candidate(candidate: _Container, candidates: list[_Container]) -> bool:

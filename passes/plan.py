@@ -21,7 +21,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from bdia_fx.errors import ConversionError
 from bdia_fx.passes.capture import capture
-from bdia_fx.passes.chains import BLOCK_META_KEY, _is_random
+from bdia_fx.passes.chains import BLOCK_META_KEY
+from bdia_fx.passes.nodes import is_random
 from bdia_fx.passes.sublayers import split_steps
 from bdia_fx.report import ChainInfo, ChainReport
 
@@ -89,8 +90,8 @@ def plan_model(graph_module: fx.GraphModule, report: ChainReport, granularity: s
             nodes = [n for n in graph_module.graph.nodes if n.meta.get(BLOCK_META_KEY) == (info.container, index)]
             stream_in, stream_out = by_name[block.stream_in], by_name[block.stream_out]
             sides = [by_name[s.node] for s in block.side_inputs]
-            steps = plan_steps(graph_module, nodes, stream_in, stream_out, sides, f"{block.path}.", granularity,
-                               block.path)
+            steps = plan_steps(graph_module, nodes, stream_in, stream_out, sides, f"{block.path}.",
+                               "block" if block.branch else granularity, block.path)
             blocks.append(BlockPlan(block.path, nodes, stream_in, stream_out, sides, steps))
         chain_sides = list(dict.fromkeys(node for b in blocks for node in b.side_inputs))
         chains.append(ChainPlan(info, blocks, chain_sides))
@@ -123,7 +124,7 @@ def _step_graph(owner: fx.GraphModule, group: list[fx.Node], start: fx.Node, end
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in [*parameters, *fixed]:
-        env[node] = graph.placeholder(node.target.replace(".", "_"))
+        env[node] = graph.placeholder("p_" + node.target.replace(".", "_"))  # a valid name for any path
     env[start] = graph.placeholder("stream")
     for index, side in enumerate(sides):
         env[side] = graph.placeholder(f"side_{index}")
@@ -138,7 +139,7 @@ def _step_graph(owner: fx.GraphModule, group: list[fx.Node], start: fx.Node, end
     graph.output(env[end])
     graph.lint()
     return StepGraph(owned_graph_module(graph, "BDIAStep", owner), tuple(n.target[len(prefix):] for n in parameters),
-                     tuple(tensors[n.target] for n in fixed), any(_is_random(n) for n in group), end.name)
+                     tuple(tensors[n.target] for n in fixed), any(is_random(n) for n in group), end.name)
 
 
 def _tensor_attributes(owner: fx.GraphModule) -> dict[str, torch.Tensor]:

@@ -18,7 +18,8 @@ import torch
 from torch import fx
 
 from bdia_fx.errors import ConversionError
-from bdia_fx.passes.chains import _ADD_TARGETS, BLOCK_META_KEY, _find_skip_path, _is_random
+from bdia_fx.passes.chains import BLOCK_META_KEY, _find_skip_path
+from bdia_fx.passes.nodes import ADD_TARGETS, is_random
 from bdia_fx.report import ChainReport
 
 
@@ -47,12 +48,12 @@ def split_steps(nodes: list[fx.Node], stream_in: fx.Node, out: fx.Node,
     position = {stream_in: 0}  # stream values in order: the input, then each add (casts keep their input's)
     previous = stream_in
     for node in skip:
-        position[node] = position[previous] + (node.target in _ADD_TARGETS)
+        position[node] = position[previous] + (node.target in ADD_TARGETS)
         previous = node
     deps = _stream_positions(nodes, position)
     starts = [stream_in]
     previous_value = stream_in
-    for add in (n for n in skip if n.target in _ADD_TARGETS):
+    for add in (n for n in skip if n.target in ADD_TARGETS):
         skip_arg = next(a for a in add.args[:2] if isinstance(a, fx.Node) and a in position)
         branch = [a for a in add.args[:2] if isinstance(a, fx.Node) and a is not skip_arg]
         reads = frozenset().union(*(deps.get(b, frozenset()) for b in branch))
@@ -74,7 +75,7 @@ def split_steps(nodes: list[fx.Node], stream_in: fx.Node, out: fx.Node,
             node = stack.pop()
             if node is begin or node in found or node not in members:
                 continue
-            if owner.get(node, j) != j and (deps[node] or _is_random(node)):
+            if owner.get(node, j) != j and (deps[node] or is_random(node)):
                 raise ConversionError(
                     f"sublayer split: node '{node.name}' of sublayer {owner[node]} is read again by sublayer {j}; "
                     "use granularity='block'", module=where)
@@ -97,6 +98,9 @@ def check_sublayers(ep: torch.export.ExportedProgram, report: ChainReport) -> di
     for chain in report.chains:
         ends[chain.container] = []
         for index, block in enumerate(chain.blocks):
+            if block.branch:  # one residual add, in the parent: a step of its own
+                ends[chain.container].append([block.stream_out])
+                continue
             nodes = [n for n in ep.graph.nodes if n.meta.get(BLOCK_META_KEY) == (chain.container, index)]
             _, boundaries, _ = split_steps(nodes, by_name[block.stream_in], by_name[block.stream_out], block.path)
             ends[chain.container].append([n.name for n in boundaries])

@@ -6,7 +6,7 @@ import torch
 
 from bdia_fx.observe import ChainObserver
 
-from models import TinyGPT, encoder, gpt2, gptj, llama, neox, opt, swin, t5, vit
+from models import ParentLoopViT, TinyGPT, encoder, gpt2, gptj, llama, neox, opt, residual_sequential, swin, t5, vit
 
 # name -> (build model, example args, example kwargs): one training call per case
 TRAINING_CASES = {
@@ -22,6 +22,9 @@ TRAINING_CASES = {
                                          lambda: (torch.randint(0, 64, (2, 8)),), {"use_cache": False}),
     "hf-t5-both-stacks-after-block-0": (lambda: t5(3), lambda: _t5_inputs(2, 8), {"use_cache": False}),
     "hf-swin-one-chain-per-stage": (lambda: swin(), lambda: (torch.randn(2, 3, 32, 32),), {}),
+    "parent-loop-h-plus-x": (lambda: ParentLoopViT(), lambda: (torch.randn(3, 8, 8),), {}),
+    "parent-loop-x-plus-h": (lambda: ParentLoopViT(skip_first=True), lambda: (torch.randn(3, 8, 8),), {}),
+    "sequential-of-residual-wrappers": (lambda: residual_sequential(), lambda: (torch.randn(3, 8, 8),), {}),
 }
 
 # name -> (build model, inputs of (batch, length), example kwargs): models revert and export
@@ -34,6 +37,7 @@ SIZED_CASES = {
     "gpt2": (lambda: gpt2(3), lambda b, t: (torch.randint(0, 64, (b, t)),), {"use_cache": False}),
     "vit": (lambda: vit(3), lambda b, t: (torch.randn(b, 1, 16, 16),), {}),
     "t5": (lambda: t5(3), lambda b, t: _t5_inputs(b, t), {"use_cache": False}),
+    "parent-loop": (lambda: ParentLoopViT(), lambda b, t: (torch.randn(b, t, 8),), {}),
 }
 
 

@@ -170,3 +170,64 @@ class PreAndPostLN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.post(self.pre(x))
+
+
+class PreNorm(nn.Module):
+    """x-transformers style: ``fn(LayerNorm(x))``, the residual add left to the caller."""
+
+    def __init__(self, d: int, fn: nn.Module):
+        super().__init__()
+        self.norm, self.fn = nn.LayerNorm(d), fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.norm(x))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d: int, dropout: float = 0.1):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(d, 4, dropout=dropout, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, x, x, need_weights=False)[0]
+
+
+def feed_forward(d: int, dropout: float = 0.1) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * d, d))
+
+
+class ParentLoopViT(nn.Module):
+    """Residual adds in the parent's loop over (attention, feed-forward) pairs: ``x = attn(x) + x``
+    (or ``x + attn(x)`` with ``skip_first``); ``scale_skip`` (set after conversion) changes the loop."""
+
+    def __init__(self, depth: int = 3, d: int = 32, skip_first: bool = False):
+        super().__init__()
+        self.skip_first, self.scale_skip = skip_first, 1.0
+        self.embed = nn.Linear(8, d)
+        self.layers = nn.ModuleList(nn.ModuleList([PreNorm(d, SelfAttention(d)), PreNorm(d, feed_forward(d))])
+                                    for _ in range(depth))
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        x = self.embed(rows)
+        for attention, ff in self.layers:
+            for branch in (attention, ff):
+                skip = x if self.scale_skip == 1.0 else x * self.scale_skip
+                x = skip + branch(x) if self.skip_first else branch(x) + skip
+        return self.head(x.mean(1))
+
+
+class Residual(nn.Module):
+    def __init__(self, fn: nn.Module):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x) + x
+
+
+def residual_sequential(depth: int = 3, d: int = 32) -> nn.Sequential:
+    """An ``nn.Sequential`` of residual wrappers, attention and feed-forward alternating."""
+    wrappers = [Residual(PreNorm(d, module)) for _ in range(depth)
+                for module in (SelfAttention(d), feed_forward(d))]
+    return nn.Sequential(nn.Linear(8, d), *wrappers)

@@ -13,7 +13,7 @@ from bdia_fx.observe import observing
 
 from cases import TRAINING_CASES as CASES
 from cases import FramesSeen, assert_close, grads, mean_square_loss
-from models import TinyGPT, encoder, gpt2
+from models import ParentLoopViT, TinyGPT, encoder, gpt2
 from references import L, Q, bdia_chain
 
 
@@ -290,6 +290,29 @@ def test_hooks_that_change_the_stream_between_blocks_are_refused_naming_them(mod
     conv.blocks[3].register_forward_hook(_halve_in_place)  # after the last block: an ordinary op on the output
     rev_out = conv(ids)
     rev_out.sum().backward()
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no-grad"])
+def test_a_parent_loop_that_changes_the_stream_between_branches_is_refused(grad):
+    """A branch chain steps from its own exact stream, so the parent's sum must be exactly
+    branch + stream: another op in the loop, or a hook editing a branch's output, is refused
+    (checked on the autograd graph; by value in a no-grad training call)."""
+    torch.manual_seed(0)
+    model = ParentLoopViT(depth=2)
+    rows = torch.randn(2, 8, 8)
+    conv = bdia_fx.convert(model, (rows,)).train()
+    with torch.set_grad_enabled(grad):
+        conv(rows)  # as captured: accepted
+        conv.scale_skip = 0.5  # the loop now scales the skip: x = h(x) + 0.5 x
+        with pytest.raises(bdia_fx.ConversionError,
+                           match=r"\[module 'layers\.0\.1'\] .*not the parent's residual add of 'layers\.0\.0'"):
+            conv(rows)
+        conv.scale_skip = 1.0
+        handle = conv.layers[0][1].register_forward_hook(_halve_in_place)
+        with pytest.raises(bdia_fx.ConversionError, match=r"\[module 'layers\.1\.0'\] .*not the parent's residual"):
+            conv(rows)
+        handle.remove()
+        conv(rows)
 
 
 def test_a_hook_inside_a_block_is_part_of_the_block_and_replayed_exactly():

@@ -3,11 +3,12 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import bdia_fx
 
-from models import encoder, gpt2, llama, neox, swin, t5, vit
+from models import ParentLoopViT, encoder, gpt2, llama, neox, residual_sequential, swin, t5, vit
 
 
 def test_report_lists_blocks_side_inputs_and_randomness():
@@ -106,3 +107,21 @@ def test_swin_gives_one_chain_per_stage_one_level_below_the_stages():
     assert not report.rejections
     (ignored,) = [why for name, why in report.ignored if name == "swin.encoder.layers"]
     assert "searched one level deeper" in ignored
+
+
+@pytest.mark.parametrize("skip_first", [False, True], ids=["h-plus-x", "x-plus-h"])
+def test_residual_adds_in_the_parents_loop_form_one_chain_of_branch_steps(skip_first):
+    report = bdia_fx.find_chains(ParentLoopViT(depth=3, skip_first=skip_first), (torch.randn(2, 8, 8),))
+    (chain,) = report.chains
+    assert chain.container == "layers" and chain.branch
+    assert chain.block_paths == ("layers.0.0", "layers.0.1", "layers.1.0", "layers.1.1", "layers.2.0", "layers.2.1")
+    assert all(b.stream_out.startswith("add") for b in chain.blocks)
+    assert [b.stream_in for b in chain.blocks[1:]] == [b.stream_out for b in chain.blocks[:-1]]
+    assert not report.rejections and not report.ignored  # the pairs' containers are part of the chain
+
+
+def test_a_sequential_of_residual_wrappers_after_an_embedding_is_one_chain():
+    report = bdia_fx.find_chains(residual_sequential(depth=2), (torch.randn(2, 8, 8),))
+    (chain,) = report.chains
+    assert chain.block_paths == ("1", "2", "3", "4") and not chain.branch
+    assert report.notes == ["'0' of '' run as they are (not residual blocks, before or after the chain)"]

@@ -15,12 +15,13 @@ from bdia_fx.passes import CHAIN_META_KEY, QUANT_META_KEY, REVERT_META_KEY
 from bdia_fx.runtime import BDIAChain
 
 from cases import assert_close, logits
-from models import TinyGPT, encoder, gpt2
+from models import ParentLoopViT, TinyGPT, encoder, gpt2
 
 CALLS = {
     "hf-gpt2": (lambda: gpt2(3, dropout=0.1), lambda: (torch.randint(0, 64, (2, 8)),), {"use_cache": False}),
     "tiny-gpt": (lambda: TinyGPT(layers=4, dropout=0.1), lambda: (torch.randint(0, 50, (3, 9)),), {}),
     "encoder-seq-first": (lambda: encoder(3, batch_first=False, dropout=0.1), lambda: (torch.randn(7, 3, 32),), {}),
+    "parent-loop": (lambda: ParentLoopViT(), lambda: (torch.randn(3, 8, 8),), {}),
 }
 
 

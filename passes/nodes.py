@@ -1,0 +1,66 @@
+"""Facts about single nodes of a captured ATen graph that the passes share: residual adds, ops
+that keep the values (casts, copies, reshapes), module paths, shapes, in-place and random ops."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from bdia_fx.report import SideInput
+
+ADD_TARGETS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
+CAST_TARGETS = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout,
+                torch.ops.aten.contiguous.default, torch.ops.aten.clone.default, torch.ops.aten.alias.default}
+RESHAPE_TARGETS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default}
+IDENTITY_TARGETS = CAST_TARGETS | RESHAPE_TARGETS
+
+
+def is_identity(node: fx.Node) -> bool:
+    """An op that keeps the values and their row-major order: a cast to the dtype the input already
+    has (RMSNorm's ``x.to(float32)``), a copy, or a reshape (OPT's ``x.view(-1, d)`` around its MLP
+    residual). A skip path through reshapes that ends in the input's shape is the identity."""
+    if node.target not in IDENTITY_TARGETS or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    before, after = node.args[0].meta.get("val"), node.meta.get("val")
+    if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.dtype == after.dtype):
+        return False
+    return before.numel() == after.numel() if node.target in RESHAPE_TARGETS else before.shape == after.shape
+
+
+def module_paths(node: fx.Node) -> set[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return {path for path, _ in stack.values()}
+
+
+def shape_of(node: fx.Node) -> tuple[int, ...] | None:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return tuple(int(s) if isinstance(s, int) else -1 for s in val.shape)
+    return None
+
+
+def side_input(node: fx.Node) -> SideInput:
+    val = node.meta.get("val")
+    dtype = str(val.dtype).replace("torch.", "") if isinstance(val, torch.Tensor) else None
+    return SideInput(node.name, shape_of(node), dtype)
+
+
+def is_mutating(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
+
+
+def is_random(node: fx.Node) -> bool:
+    """Whether the op draws random numbers (a dropout with a literal p = 0 or train=False does not)."""
+    tags = getattr(node.target, "tags", ())
+    if torch.Tag.nondeterministic_seeded not in tags:
+        return False
+    name = str(getattr(node.target, "overloadpacket", ""))
+    if "scaled_dot_product" in name:  # (q, k, v, attn_mask=None, dropout_p=0.0, ...)
+        p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+        return not (isinstance(p, (int, float)) and p == 0)
+    if "dropout" in name:  # (input, p, train)
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p")
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+        return not ((isinstance(p, (int, float)) and p == 0) or train is False)
+    return True
