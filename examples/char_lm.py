@@ -40,11 +40,12 @@ def encode(text: str, chars: list[str]) -> torch.Tensor:
     return torch.tensor([index[c] for c in text], dtype=torch.long)
 
 
-def build_gpt(vocab: int, layers: int, width: int, context: int) -> nn.Module:
+def build_gpt(vocab: int, layers: int, width: int, context: int, dropout: float = 0.1) -> nn.Module:
+    """A GPT-2 character model, ``dropout`` on the residual branches and embeddings (none on attention)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=vocab, n_positions=context, n_embd=width, n_layer=layers, n_head=4,
-                        resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
                         pad_token_id=0)  # no end-of-text token: samples run their full length
     return GPT2LMHeadModel(config)
 
