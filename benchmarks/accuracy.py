@@ -5,6 +5,8 @@ dropout, fixed-point bits) of one task: the digits ViT of ``examples/vit_digits.
 accuracy) or the character GPT of ``examples/char_lm.py`` (validation loss per character). Per
 seed, plain and every BDIA variant of the cell start from the same weights and see the same
 batches in the same order (``examples/paired.py``), so the per-seed difference isolates BDIA.
+The optimisers are the examples': AdamW with cosine decay (digits), AdamW with a one-cycle
+schedule, 10 % warm-up (char-LM).
 
 Per cell the script reports train and validation curves (PNG), the final and best validation
 metric, the paired difference bdia − plain with its 95 % t-interval, the number of seeds a 95 %
@@ -21,6 +23,7 @@ std (an estimate), and the trained BDIA model under three evaluation modes:
     python benchmarks/accuracy.py --quick                      # the test's smoke run (< 1 min)
     python benchmarks/accuracy.py --cells K6 K12 --json acc.json
     python benchmarks/accuracy.py --list                       # the cells and their settings
+    python benchmarks/accuracy.py --from-json a.json b.json    # merge runs, rebuild tables and plots
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import math
 import statistics
 import sys
@@ -44,7 +48,7 @@ import bdia_fx
 from bdia_fx.report import write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from char_lm import batches, build_gpt, encode, load_text  # noqa: E402
+from char_lm import batches, build_gpt, encode, load_text, one_cycle  # noqa: E402
 from vit_digits import build_vit, epoch_batches, image_loss, load_digits_split  # noqa: E402
 
 from paired import PairedDifference, adamw_cosine, make_variant, plot_curves, train_variants  # noqa: E402
@@ -96,7 +100,7 @@ CELLS: dict[str, Cell] = {
     "lm-K8": Cell(axis="depth", layers=8, **CHAR_LM),
 }
 QUICK = {"K6": Cell("digits", "smoke", layers=2, length=2, seeds=2, bits=(9, 16)),
-         "lm-K4": Cell(axis="smoke", task="char-lm", layers=2, length=10, lr=3e-3, seeds=2)}
+         "lm-K4": Cell(axis="smoke", task="char-lm", layers=2, length=20, lr=3e-3, seeds=2)}
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -230,7 +234,7 @@ def run_lm_seed(cell: Cell, seed: int, data: tuple, draws: int, progress: tqdm, 
                               example_kwargs=example[1], config=bdia_fx.BDIAConfig(frac_bits=bits))
                 for name, bits in zip(cell.variants(), (9,) + cell.bits)}
     runs = train_variants(initial, variants, rounds, lm_loss, lambda model: {"val": lm_val_loss(model, val_batches)},
-                          adamw_cosine(cell.lr, 0.01), noise_seed=seed + 1000, progress=progress)
+                          one_cycle(cell.lr, 0.01), noise_seed=seed + 1000, progress=progress)
     for name, run in runs.items():
         modes = {}
         if name != "plain":
@@ -276,8 +280,23 @@ def summarise(cell: Cell, runs: list[dict]) -> dict:
         modes = {mode: PairedDifference(mode, final.plain, [r[name]["modes"][mode] for r in runs]).as_dict()
                  for mode in runs[0][name]["modes"]}
         rows[name] = {"final": final.as_dict(), "best": top.as_dict(), "modes": modes,
-                      "seeds_for_resolution": seeds_to_resolve(final.differences, RESOLUTION[cell.task])}
+                      "seeds_for_resolution": seeds_to_resolve(final.differences, RESOLUTION[cell.task]),
+                      "gap": {"plain": [generalisation_gap(cell, r["plain"]) for r in runs],
+                              "bdia": [generalisation_gap(cell, r[name]) for r in runs]}}
+        if cell.task == "digits":
+            rows[name]["val_loss"] = PairedDifference("final validation loss",
+                                                      [r["plain"]["metrics"]["val_loss"][-1] for r in runs],
+                                                      [r[name]["metrics"]["val_loss"][-1] for r in runs]).as_dict()
     return rows
+
+
+def generalisation_gap(cell: Cell, run: dict) -> float:
+    """How much better the final model does on training data than on validation data: digits,
+    training minus validation accuracy (both in eval mode); char-LM, validation loss minus the last
+    round's mean training loss (training forward: with dropout, and γ for BDIA)."""
+    if cell.task == "digits":
+        return run["metrics"]["train"][-1] - run["metrics"]["val"][-1]
+    return run["metrics"]["val"][-1] - run["train_loss"][-1]
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -298,27 +317,33 @@ def mean_std(values: list[float], task: str) -> str:
 def results_table(results: dict) -> str:
     """Markdown: per cell and BDIA variant, final/best metric and paired differences."""
     lines = ["| cell | task | setting | seeds | variant | plain final | bdia final | Δ final [95 % CI] | "
-             "Δ best [95 % CI] | seeds for ±res |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "Δ best [95 % CI] | Δ val loss [95 % CI] | seeds for ±res | gap plain / bdia |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, cell in results.items():
+        task = cell["cell"]["task"]
+        scale, _, _, digits = UNITS[task]
         for variant, row in cell["summary"].items():
-            lines.append(f"| {name} | {cell['cell']['task']} | {cell['setting']} | {len(row['final']['plain'])} | "
-                         f"{variant} | {mean_std(row['final']['plain'], cell['cell']['task'])} | "
-                         f"{mean_std(row['final']['bdia'], cell['cell']['task'])} | "
-                         f"{mean_ci(row['final'], cell['cell']['task'])} | "
-                         f"{mean_ci(row['best'], cell['cell']['task'])} | {row['seeds_for_resolution']} |")
+            loss = mean_ci(row["val_loss"], "char-lm") if "val_loss" in row else "(= Δ final)"
+            gap = " / ".join(f"{scale * statistics.fmean(row['gap'][v]):.{digits}f}" for v in ("plain", "bdia"))
+            lines.append(f"| {name} | {task} | {cell['setting']} | {len(row['final']['plain'])} | {variant} | "
+                         f"{mean_std(row['final']['plain'], task)} | {mean_std(row['final']['bdia'], task)} | "
+                         f"{mean_ci(row['final'], task)} | {mean_ci(row['best'], task)} | {loss} | "
+                         f"{row['seeds_for_resolution']} | {gap} |")
     return "\n".join(lines)
 
 
 def modes_table(results: dict) -> str:
-    """Markdown: each evaluation mode of the trained BDIA model, mean and paired Δ vs plain's eval."""
-    lines = ["| cell | variant | mode | mean ± std | Δ vs plain [95 % CI] |", "|---|---|---|---|---|"]
+    """Markdown: each evaluation mode of the trained BDIA model, mean, paired Δ vs plain's eval and
+    paired Δ vs the same model's default γ = 0 eval (does the mode recover anything?)."""
+    lines = ["| cell | variant | mode | mean ± std | Δ vs plain [95 % CI] | Δ vs gamma0 [95 % CI] |",
+             "|---|---|---|---|---|---|"]
     for name, cell in results.items():
         task = cell["cell"]["task"]
         for variant, row in cell["summary"].items():
             for mode, entry in row["modes"].items():
+                own = PairedDifference(mode, row["modes"]["gamma0"]["bdia"], entry["bdia"]).as_dict()
                 lines.append(f"| {name} | {variant} | {mode} | {mean_std(entry['bdia'], task)} | "
-                             f"{mean_ci(entry, task)} |")
+                             f"{mean_ci(entry, task)} | {'—' if mode == 'gamma0' else mean_ci(own, task)} |")
     return "\n".join(lines)
 
 
@@ -330,7 +355,7 @@ def plot_cell(name: str, cell: Cell, runs: list[dict], out: Path) -> list[Path]:
     for key, label in (("val", "validation"), ("train", "training")):
         if cell.task == "digits":
             curves = {v: [[scale * a for a in r[v]["metrics"][key]] for r in runs] for v in ("plain", "bdia")}
-            ylabel = f"{label} accuracy (%)" + (" (eval mode, 500 images)" if key == "train" else "")
+            ylabel = f"{label} accuracy (%)" + (" (eval mode, ≤ 500 images)" if key == "train" else "")
         else:
             curves = {v: [r[v]["metrics"]["val"] if key == "val" else r[v]["train_loss"] for r in runs]
                       for v in ("plain", "bdia")}
@@ -341,6 +366,57 @@ def plot_cell(name: str, cell: Cell, runs: list[dict], out: Path) -> list[Path]:
                     xlabel="epoch" if cell.task == "digits" else "training step", every=every)
         paths.append(path)
     return paths
+
+
+def plot_differences(results: dict, path: Path) -> None:
+    """Forest plot: final paired Δ (bdia − plain) with its 95 % interval per cell and variant,
+    one panel per task (accuracy in pp: above 0 BDIA is better; loss in nats: below 0 it is)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in UNITS if any(c["cell"]["task"] == t for c in results.values())]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        scale, _, unit, _ = UNITS[task]
+        rows = [(f"{name} {variant} (n={len(row['final']['plain'])})", row["final"])
+                for name, cell in results.items() if cell["cell"]["task"] == task
+                for variant, row in cell["summary"].items()]
+        for y, (_, entry) in enumerate(rows):
+            mean = scale * statistics.fmean(entry["differences"])
+            low, high = (scale * v for v in entry["ci95"])
+            ax.errorbar(mean, y, xerr=[[mean - low], [high - mean]] if not math.isnan(low) else None, fmt="o",
+                        color="#e76f51", capsize=3)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(range(len(rows)), [label for label, _ in rows])
+        ax.set_xlabel(f"final validation {'accuracy' if task == 'digits' else 'loss'}: bdia − plain ({unit.strip()})")
+        ax.set_title(f"{task}: paired difference, 95 % CI")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(results: dict, out: Path) -> str:
+    """table.md and differences.png in ``out``; returns the tables."""
+    tables = results_table(results) + "\n\n" + modes_table(results)
+    (out / "table.md").write_text(tables + "\n")
+    plot_differences(results, out / "differences.png")
+    return tables
+
+
+def rebuild(sources: list[Path], target: Path, out: Path) -> str:
+    """Summaries, plots, table.md and JSON recomputed from the runs the results JSONs hold."""
+    loaded = [json.loads(source.read_text()) for source in sources]
+    saved = {"commands": [entry.get("command") for entry in loaded], "draws": [entry["draws"] for entry in loaded],
+             "cells": {name: cell for entry in loaded for name, cell in entry["cells"].items()}}
+    for name, entry in saved["cells"].items():
+        cell = Cell(**{**entry["cell"], "bits": tuple(entry["cell"]["bits"])})
+        entry["summary"] = summarise(cell, entry["runs"])
+        entry["plots"] = [str(p) for p in plot_cell(name, cell, entry["runs"], out)]
+    write_json(saved, target)
+    return write_outputs(saved["cells"], out)
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -370,7 +446,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--list", action="store_true", help="print the cells and exit")
     parser.add_argument("--out", type=Path, default=Path("results/accuracy"), help="plots and table.md go here")
     parser.add_argument("--json", type=Path, default=None, help="results JSON (default OUT/accuracy.json)")
+    parser.add_argument("--from-json", type=Path, nargs="+", default=None,
+                        help="train nothing: rebuild the JSON, table.md and plots in OUT from results JSONs "
+                             "(cells merged in order; a later file's cell replaces an earlier one of that name)")
     args = parser.parse_args(argv)
+    missing = [str(p) for p in args.from_json or [] if not p.is_file()]
+    if missing:
+        parser.error(f"--from-json: no file {', '.join(missing)}")
     cells = QUICK if args.quick else CELLS
     if args.quick:
         args.cells, args.draws, args.eval_every = list(QUICK), 2, 5
@@ -393,11 +475,14 @@ def main(argv: list[str] | None = None) -> None:
         for name, cell in CELLS.items():
             print(f"{name:>8}  {cell.task:<8} {cell.axis:<30} {cell.setting()}, {cell.seeds} seeds")
         return
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.from_json is not None:
+        print(rebuild(args.from_json, args.json, args.out))
+        return
     torch.set_num_threads(args.threads)
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    args.out.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, cell in args.grid.items():
         started = time.perf_counter()
@@ -407,11 +492,10 @@ def main(argv: list[str] | None = None) -> None:
                          "plots": [str(p) for p in plot_cell(name, cell, runs, args.out)],
                          "runs": runs}
         write_json({"command": " ".join(sys.argv), "draws": args.draws, "cells": results}, args.json)
-        tables = results_table(results) + "\n\n" + modes_table(results)
-        (args.out / "table.md").write_text(tables + "\n")
+        tables = write_outputs(results, args.out)
         print(f"\n{name}: {cell.setting()}, {cell.seeds} paired seeds, {results[name]['seconds']:.0f} s\n{tables}\n",
               flush=True)
-    print(f"wrote {args.json}, {args.out / 'table.md'} and the curves in {args.out}")
+    print(f"wrote {args.json}, {args.out / 'table.md'}, {args.out / 'differences.png'} and the curves in {args.out}")
 
 
 if __name__ == "__main__":

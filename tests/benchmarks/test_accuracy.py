@@ -46,7 +46,7 @@ def test_quick_run_reports_every_cell_variant_and_mode(tmp_path):
         for row in cell["summary"].values():
             assert len(row["final"]["plain"]) == len(row["final"]["bdia"]) == 2
             assert set(row["modes"]) == {"gamma0", "gamma0-float", "mc2"}
-            assert row["seeds_for_resolution"] >= 2
+            assert row["seeds_for_resolution"] >= 2 and len(row["gap"]["plain"]) == len(row["gap"]["bdia"]) == 2
             values = row["final"]["plain"] + row["final"]["bdia"]
             assert all(0 <= v <= 1 for v in values) if name == "K6" else all(1 < v < 6 for v in values)
             # the model's own eval is the γ = 0 mode: the same numbers as the curve's last point
@@ -56,6 +56,12 @@ def test_quick_run_reports_every_cell_variant_and_mode(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert "| K6 | digits |" in table and "| lm-K4 | bdia | mc2 |" in table
     assert "Δ final [95 % CI]" in done.stdout
+    assert (tmp_path / "differences.png").read_bytes()[:8] == PNG
+    again = tmp_path / "again"  # the table is rebuilt from the JSON alone, identically
+    done = subprocess.run([sys.executable, str(SCRIPT), "--from-json", str(out), "--out", str(again)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (again / "table.md").read_text() == table
 
 
 def test_unknown_cell_is_refused_by_name():
