@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from tqdm import tqdm
 import bdia_fx
 from bdia_fx.report import write_json
 
-from paired import VARIANTS, PairedDifference, make_variant, plot_curves
+from paired import VARIANTS, PairedDifference, make_variant, plot_curves, train_variants
 
 
 def load_text() -> tuple[str, list[str]]:
@@ -40,11 +41,12 @@ def encode(text: str, chars: list[str]) -> torch.Tensor:
     return torch.tensor([index[c] for c in text], dtype=torch.long)
 
 
-def build_gpt(vocab: int, layers: int, width: int, context: int) -> nn.Module:
+def build_gpt(vocab: int, layers: int, width: int, context: int, dropout: float = 0.1) -> nn.Module:
+    """A GPT-2 character model, ``dropout`` on the residual branches and embeddings (none on attention)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=vocab, n_positions=context, n_embd=width, n_layer=layers, n_head=4,
-                        resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
                         pad_token_id=0)  # no end-of-text token: samples run their full length
     return GPT2LMHeadModel(config)
 
@@ -60,31 +62,32 @@ def validation_loss(model: nn.Module, val_batches: list[torch.Tensor]) -> float:
     return statistics.fmean(float(model(ids, labels=ids, use_cache=False).loss) for ids in val_batches)
 
 
+def one_cycle(lr: float, weight_decay: float):
+    """An optimizer factory for :func:`paired.train_variants`: AdamW with a one-cycle schedule."""
+
+    def make(model: nn.Module, total_steps: int) -> tuple:
+        if total_steps < 20:  # OneCycleLR divides by zero when the 10 % warm-up is under 2 steps
+            raise ValueError(f"the one-cycle schedule needs at least 20 training steps, got {total_steps}")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=total_steps, pct_start=0.1)
+
+    return make
+
+
 def train_pair(seed: int, args: argparse.Namespace, train: torch.Tensor, val_batches: list, vocab: int,
                progress: tqdm) -> dict:
+    """Train plain and BDIA from the same initial weights on the same batches; validate every
+    ``args.eval_every`` steps and after the last."""
     torch.manual_seed(seed)
     initial = build_gpt(vocab, args.layers, args.width, args.context)
     train_batches = batches(train, args.steps, args.batch, args.context, torch.Generator().manual_seed(seed))
-    run = {}
-    for name in VARIANTS:
-        model = make_variant(name, initial, (train_batches[0],), {"labels": train_batches[0], "use_cache": False})
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.1)
-        torch.manual_seed(seed + 1000)
-        curve = []
-        for step, ids in enumerate(train_batches, 1):
-            model.train()
-            loss = model(ids, labels=ids, use_cache=False).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            if step % args.eval_every == 0 or step == args.steps:
-                curve.append(validation_loss(model, val_batches))
-                progress.set_postfix(seed=seed, variant=name, val_loss=f"{curve[-1]:.3f}")
-            progress.update()
-        run[name] = {"curve": curve, "model": model}
-    return run
+    rounds = [train_batches[i: i + args.eval_every] for i in range(0, args.steps, args.eval_every)]
+    example = {"example_args": (train_batches[0],), "example_kwargs": {"labels": train_batches[0], "use_cache": False}}
+    runs = train_variants(initial, {name: partial(make_variant, name, **example) for name in VARIANTS}, rounds,
+                          lambda model, ids: model(ids, labels=ids, use_cache=False).loss,
+                          lambda model: {"val_loss": validation_loss(model, val_batches)},
+                          one_cycle(args.lr, 0.01), noise_seed=seed + 1000, progress=progress)
+    return {name: {"curve": run["metrics"]["val_loss"], "model": run["model"]} for name, run in runs.items()}
 
 
 def sample(model: nn.Module, chars: list[str], prompts: list[str], length: int) -> list[str]:
@@ -126,7 +129,8 @@ def main() -> None:
           f"{args.layers} blocks, width {args.width}; {args.seeds} seeds x {args.steps} steps, plain vs BDIA (paired)")
 
     runs = []
-    with tqdm(total=args.seeds * len(VARIANTS) * args.steps, unit="step") as progress:
+    with tqdm(total=args.seeds * len(VARIANTS) * math.ceil(args.steps / args.eval_every),
+              unit="round") as progress:
         for seed in range(args.seeds):
             runs.append(train_pair(seed, args, train, val_batches, len(chars), progress))
 

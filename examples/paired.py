@@ -10,9 +10,11 @@ import contextlib
 import copy
 import math
 import statistics
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,13 +72,73 @@ class PairedDifference:
                 "differences": self.differences, "ci95": [low, high]}
 
 
-def make_variant(name: str, initial: nn.Module, example_args: tuple, example_kwargs: dict | None = None) -> nn.Module:
+def make_variant(name: str, initial: nn.Module, example_args: tuple, example_kwargs: dict | None = None,
+                 config: bdia_fx.BDIAConfig | None = None) -> nn.Module:
     """A copy of ``initial`` (same starting weights for every variant): as is for "plain",
-    converted with ``bdia_fx.convert`` for "bdia"."""
+    converted with ``bdia_fx.convert`` (and ``config``) for any other name."""
     model = copy.deepcopy(initial)
     if name == "plain":
         return model
-    return bdia_fx.convert(model, example_args, example_kwargs)
+    return bdia_fx.convert(model, example_args, example_kwargs, config)
+
+
+Batch = Any  # whatever ``loss_of`` takes: an index tensor, a token batch, ...
+
+
+def adamw_cosine(lr: float, weight_decay: float) -> Callable[[nn.Module, int], tuple]:
+    """An optimizer factory for :func:`train_variants`: AdamW with cosine decay over all steps."""
+
+    def make(model: nn.Module, total_steps: int) -> tuple:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+
+    return make
+
+
+def train_variants(initial: nn.Module, variants: dict[str, Callable[[nn.Module], nn.Module]],
+                   rounds: Sequence[Sequence[Batch]], loss_of: Callable[[nn.Module, Batch], torch.Tensor],
+                   evaluate: Callable[[nn.Module], dict[str, float]],
+                   optimizer_of: Callable[[nn.Module, int], tuple], noise_seed: int,
+                   progress: Any | None = None) -> dict[str, dict]:
+    """The paired loop: every variant starts from ``initial`` and trains on the same ``rounds``.
+
+    ``variants[name](initial)`` makes the variant's model (it must copy ``initial``, e.g. with
+    :func:`make_variant`); ``rounds`` is a list of batch lists (an epoch, or ``eval_every`` steps),
+    after each of which ``evaluate(model)`` gives named metrics; ``optimizer_of(model, total_steps)``
+    gives (optimizer, per-step scheduler). The global RNG (dropout masks and γ draws) is reset to
+    ``noise_seed`` before each variant trains. Returns per variant ``{"model", "metrics": {name:
+    [one value per round]}, "train_loss": [mean training loss per round], "round_seconds": [...]}``.
+    ``progress`` (a tqdm bar) is advanced once per round.
+    """
+    total_steps = sum(len(r) for r in rounds)
+    if total_steps == 0:
+        raise ValueError("train_variants: no training batches (rounds are empty)")
+    result = {}
+    for name, make in variants.items():
+        model = make(initial)
+        optimizer, schedule = optimizer_of(model, total_steps)
+        torch.manual_seed(noise_seed)
+        metrics: dict[str, list[float]] = {}
+        train_loss, seconds = [], []
+        for batches in rounds:
+            model.train()
+            start, total = time.perf_counter(), 0.0
+            for batch in batches:
+                loss = loss_of(model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                total += float(loss.detach())
+            seconds.append(time.perf_counter() - start)
+            train_loss.append(total / max(len(batches), 1))
+            for key, value in evaluate(model).items():
+                metrics.setdefault(key, []).append(value)
+            if progress is not None:
+                progress.set_postfix(variant=name, **{k: f"{v[-1]:.3f}" for k, v in metrics.items()})
+                progress.update()
+        result[name] = {"model": model, "metrics": metrics, "train_loss": train_loss, "round_seconds": seconds}
+    return result
 
 
 def measure_memory(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor], example_args: tuple,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,10 +28,12 @@ from bdia_fx.report import write_json
 from paired import (
     VARIANTS,
     PairedDifference,
+    adamw_cosine,
     make_variant,
     memory_by_depth,
     plot_curves,
     plot_memory_by_depth,
+    train_variants,
 )
 
 VALIDATION_SIZE = 500
@@ -50,12 +52,13 @@ def load_digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch
     return images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]
 
 
-def build_vit(layers: int, width: int, patch: int = 4) -> nn.Module:
+def build_vit(layers: int, width: int, patch: int = 4, dropout: float = 0.1) -> nn.Module:
+    """A pre-LN ViT for 8x8 one-channel images, ``dropout`` on the hidden states (none on attention)."""
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(image_size=8, patch_size=patch, num_channels=1, hidden_size=width, num_hidden_layers=layers,
                        num_attention_heads=4, intermediate_size=2 * width, num_labels=10,
-                       hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0)
+                       hidden_dropout_prob=dropout, attention_probs_dropout_prob=0.0)
     return ViTForImageClassification(config)
 
 
@@ -66,35 +69,29 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
     return float((predictions == labels).float().mean())
 
 
+def epoch_batches(size: int, batch: int, epochs: int, seed: int) -> list[list[torch.Tensor]]:
+    """Index batches of each epoch, a fresh permutation per epoch drawn from ``seed`` alone."""
+    order = torch.Generator().manual_seed(seed)
+    return [list(torch.randperm(size, generator=order).split(batch)) for _ in range(epochs)]
+
+
+def image_loss(x_train: torch.Tensor, y_train: torch.Tensor):
+    """``loss_of`` for :func:`paired.train_variants`: cross-entropy of the batch at an index tensor."""
+    return lambda model, index: nn.functional.cross_entropy(model(pixel_values=x_train[index]).logits, y_train[index])
+
+
 def train_pair(seed: int, args: argparse.Namespace, data: tuple, progress: tqdm) -> dict:
     """Train plain and BDIA from the same initial weights on the same batch order."""
     x_train, y_train, x_val, y_val = data
     torch.manual_seed(seed)
     initial = build_vit(args.layers, args.width, args.patch)
-    order = torch.Generator().manual_seed(seed)
-    batches = [torch.randperm(len(y_train), generator=order).split(args.batch) for _ in range(args.epochs)]
-    run = {}
-    for name in VARIANTS:
-        model = make_variant(name, initial, (x_train[: args.batch],))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=sum(len(b) for b in batches))
-        torch.manual_seed(seed + 1000)  # dropout (and γ) streams start from the same state per seed
-        curve, seconds = [], []
-        for epoch in range(args.epochs):
-            model.train()
-            start = time.perf_counter()
-            for index in batches[epoch]:
-                loss = nn.functional.cross_entropy(model(pixel_values=x_train[index]).logits, y_train[index])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-            seconds.append(time.perf_counter() - start)
-            curve.append(accuracy(model, x_val, y_val))
-            progress.set_postfix(seed=seed, variant=name, acc=f"{curve[-1]:.3f}")
-            progress.update()
-        run[name] = {"curve": curve, "epoch_seconds": seconds, "model": model}
-    return run
+    runs = train_variants(initial, {name: partial(make_variant, name, example_args=(x_train[: args.batch],))
+                                    for name in VARIANTS},
+                          epoch_batches(len(y_train), args.batch, args.epochs, seed), image_loss(x_train, y_train),
+                          lambda model: {"acc": accuracy(model, x_val, y_val)}, adamw_cosine(args.lr, 0.05),
+                          noise_seed=seed + 1000, progress=progress)
+    return {name: {"curve": run["metrics"]["acc"], "epoch_seconds": run["round_seconds"], "model": run["model"]}
+            for name, run in runs.items()}
 
 
 def main() -> None:
