@@ -274,14 +274,19 @@ class ChainRuntime:
             self._frame = None  # a failed call keeps nothing alive until the next one
             raise
 
-    def _accept(self, index: int, x: torch.Tensor) -> None:
-        """Block ``index`` must get exactly what block ``index - 1`` returned, unmodified."""
-        frame, where, before = self._frame, self.block_paths[index], self.block_paths[index - 1]
+    def _check_order(self, index: int) -> tuple[ChainFrame, str, str]:
+        """The running call's frame, block ``index``'s path and the previous block's, if block ``index`` is due."""
+        frame, where = self._frame, self.block_paths[index]
         if frame is None or frame.next_block != index:
             expected = 0 if frame is None else frame.next_block
             raise ConversionError(
                 f"block {index} of chain '{self.container}' ran out of order (block {expected} was due): the "
                 "blocks of a chain must run in order, each once per call", module=where)
+        return frame, where, self.block_paths[index - 1]
+
+    def _accept(self, index: int, x: torch.Tensor) -> None:
+        """Block ``index`` must get exactly what block ``index - 1`` returned, unmodified."""
+        frame, where, before = self._check_order(index)
         if not _same_stream(x, frame.out):
             hooks = _hooks_between(self.blocks[index - 1], before, self.blocks[index], where)
             raise ConversionError(
@@ -302,12 +307,7 @@ class ChainRuntime:
         """Branch chains: block ``index`` must get the parent's ``h + x`` of what block ``index - 1``
         returned and the stream it was given, nothing else (checked on the autograd graph; by value
         when no graph is recorded). The chain then steps from its own exact copy of that sum."""
-        frame, where, before = self._frame, self.block_paths[index], self.block_paths[index - 1]
-        if frame is None or frame.next_block != index:
-            expected = 0 if frame is None else frame.next_block
-            raise ConversionError(
-                f"block {index} of chain '{self.container}' ran out of order (block {expected} was due): the "
-                "blocks of a chain must run in order, each once per call", module=where)
+        frame, where, before = self._check_order(index)
         returned, passed, version = frame.branch_io
         if version_of(returned) != version:
             added = False  # edited in place after the block returned it (a forward hook, the parent)
