@@ -267,7 +267,7 @@ class ChainRuntime:
             self._accept(index, x)
         frame = self._frame
         frame.next_block = index + 1
-        passed, x = x, (x if index == 0 else frame.out)  # a branch chain steps from its own exact stream
+        passed, x = x, (frame.out if self.branch and index > 0 else x)  # a branch chain steps from its own stream
         try:
             return self._train_block(frame, index, block, original, x, call, passed)
         except BaseException:
@@ -337,7 +337,8 @@ class ChainRuntime:
         returned = x - passed if self.branch else x  # the parent adds ``passed`` back: x_{k+1}
         if index < len(self.blocks) - 1:
             frame.out, frame.out_version = x, version_of(x)
-            frame.branch_io = (returned, passed, version_of(returned))
+            if self.branch:
+                frame.branch_io = (returned, passed, version_of(returned))
             return rebuild(returned)
         self._frame, frame.branch_io = None, None
         frame.finish_forward()

@@ -246,7 +246,7 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module,
             report.notes.append(f"{', '.join(repr(p) for p in outside)} of '{container}' run as they are "
                                 "(not residual blocks, before or after the chain)")
             claimed.extend(outside)
-            called, scans = called[first:last], scans[first:last]
+            called, scans, residual = called[first:last], scans[first:last], scans[first:last]
         if len(residual) < len(scans) and _has_nested_candidate(candidate, candidates):
             report.ignored.append((container, "not all of its numbered children are residual blocks (stages of "
                                               "blocks and downsampling?): chains searched one level deeper"))
