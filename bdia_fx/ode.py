@@ -148,9 +148,9 @@ class _Solve:
         self._check_range_values(torch.stack(checks).tolist(), where)
 
     def _check_range_values(self, magnitudes: list[float], where: str) -> None:
-        worst = max(magnitudes)
-        if math.isnan(worst) or math.isinf(worst):
+        if not all(map(math.isfinite, magnitudes)):  # before max(), which skips a NaN that is not first
             raise FixedPointRangeError(f"odeint: the state or an increment became non-finite at {where}")
+        worst = max(magnitudes)
         if worst >= fp.WIDE_CODE_LIMIT:
             raise FixedPointRangeError(
                 f"odeint: fixed-point overflow at {where}: |value| reached {worst / 2.0 ** self.frac_bits:.6g}, beyond "

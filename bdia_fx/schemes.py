@@ -67,7 +67,8 @@ def apply_shear(shear: Shear, codes: Sequence[torch.Tensor], frac_bits: int, dty
                 values: Sequence[torch.Tensor] | None = None
                 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor]:
     """One shear forward: the new codes, and ``max |code|`` over the rounded increment and the new part
-    (a float64 device scalar; compare it with :data:`fixed_point.WIDE_CODE_LIMIT`).
+    (a float64 device scalar, NaN or inf when the increment is not finite, whose int64 conversion
+    would wrap silently; compare it with :data:`fixed_point.WIDE_CODE_LIMIT`).
 
     With ``values`` (the parts' values as autograd tensors, equal to the codes' values) the increment is
     computed from them and the new values carry its straight-through gradient: this is the
@@ -77,10 +78,10 @@ def apply_shear(shear: Shear, codes: Sequence[torch.Tensor], frac_bits: int, dty
     reads = _reads(codes, target, frac_bits, dtype) if values is None else \
         [None if i == target else v for i, v in enumerate(values)]
     increment = shear.increment(reads)
-    b, _ = fp.to_codes(increment.detach(), frac_bits, torch.int64)
+    b, span = fp.to_codes(increment.detach(), frac_bits, torch.int64)
     new = list(codes)
     new[target] = codes[target] * shear.sign + b if shear.sign != 1 else codes[target] + b
-    check = torch.maximum(_magnitude(b), _magnitude(new[target]))
+    check = torch.maximum(_magnitude(span), _magnitude(new[target]))
     if values is None:
         return new, None, check
     expression = values[target] * shear.sign + increment

@@ -190,6 +190,14 @@ def test_leaving_the_fixed_point_range_raises():
         bdia_fx.odeint(lambda t, z: 10 * z, z0, torch.tensor([0.0, 3.0], dtype=torch.float64), step_size=0.1)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_vector_field_raises_instead_of_wrapping_int64_codes(bad):
+    z0 = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    field = lambda t, z: z * bad if t > 0.5 else -z  # noqa: E731
+    with pytest.raises(bdia_fx.FixedPointRangeError, match="non-finite"):
+        bdia_fx.odeint(field, z0, torch.tensor([0.0, 1.0], dtype=torch.float64), scheme="alf", step_size=0.25)
+
+
 def test_an_error_estimate_that_never_passes_stops_with_a_clear_error():
     def noise(t, z):
         return torch.randn_like(z) * 1e9  # the estimate does not shrink with h
