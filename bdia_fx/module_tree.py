@@ -127,6 +127,13 @@ def _gamma0_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
                                 self._bdia_index == 0, self._bdia_path, self._bdia_slots, self._bdia_branch)
 
 
+def _scheme_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    from bdia_fx.scheme_chain import scheme_block_forward
+
+    return scheme_block_forward(self._bdia_form, self, original_class(self), args, kwargs, self._bdia_index,
+                                self._bdia_path, self._bdia_slots, self._bdia_branch)
+
+
 CHECKPOINT_FORMS = {  # kind -> (early stop, reentrant)
     "checkpoint": (True, False),             # torch's recommended form: the recompute stops early
     "checkpoint-full": (False, False),       # every block recomputed whole, as BDIA must
@@ -146,7 +153,7 @@ def _checkpointed(early_stop: bool, reentrant: bool):
     return forward
 
 
-_FORWARDS = {"bdia": _chain_forward, "gamma0": _gamma0_forward,
+_FORWARDS = {"bdia": _chain_forward, "gamma0": _gamma0_forward, "scheme": _scheme_forward,
              **{kind: _checkpointed(*form) for kind, form in CHECKPOINT_FORMS.items()}}
 
 
@@ -163,7 +170,8 @@ def proxy_class(cls: type, kind: str = "bdia") -> type:
     """A subclass of ``cls`` whose ``forward`` is the ``kind`` one.
 
     ``"bdia"`` hands the call to the block's chain runtime; ``"gamma0"`` runs the quantized
-    γ = 0 step x_{k+1} = Q[f_k(x_k)] (the reverted model with ``quantize=True``);
+    γ = 0 step x_{k+1} = Q[f_k(x_k)] (the reverted model with ``quantize=True``); ``"scheme"`` runs
+    step k of a scheme chain's inference form (:class:`bdia_fx.scheme_chain.SchemeForm`);
     ``"checkpoint"`` (and the other :data:`CHECKPOINT_FORMS`) runs the original forward under
     ``torch.utils.checkpoint`` (the baselines of comparisons).
     Proxies pickle (``torch.save``, ``copy.deepcopy``) as their original class plus the kind.
@@ -244,10 +252,21 @@ def install_gamma0_proxy(block: nn.Module, index: int, frac_bits: int, path: str
     block._bdia_branch = branch
 
 
+def install_scheme_proxy(block: nn.Module, index: int, form: Any, path: str, slots: Any, branch: bool) -> None:
+    """Make ``block`` step k = ``index`` of the scheme chain inference ``form`` (shared by the chain's blocks)."""
+    block.__class__ = proxy_class(original_class(block), "scheme")
+    block._bdia_index = index
+    block._bdia_form = form
+    block._bdia_path = path
+    block._bdia_slots = slots
+    block._bdia_branch = branch
+
+
 def remove_proxy(block: nn.Module) -> None:
-    """Undo :func:`install_proxy` / :func:`install_gamma0_proxy`."""
+    """Undo :func:`install_proxy` / :func:`install_gamma0_proxy` / :func:`install_scheme_proxy`."""
     block.__class__ = original_class(block)
-    for name in ("_bdia_runtime", "_bdia_index", "_bdia_frac_bits", "_bdia_path", "_bdia_slots", "_bdia_branch"):
+    for name in ("_bdia_runtime", "_bdia_index", "_bdia_frac_bits", "_bdia_path", "_bdia_slots", "_bdia_branch",
+                 "_bdia_form"):
         block.__dict__.pop(name, None)
 
 

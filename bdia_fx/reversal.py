@@ -9,8 +9,9 @@ from torch import fx, nn
 
 from bdia_fx.conversion import detach_state, state_of
 from bdia_fx.errors import ConversionError
-from bdia_fx.module_tree import install_gamma0_proxy, remove_boundary, remove_proxy, shallow_clone
+from bdia_fx.module_tree import install_gamma0_proxy, install_scheme_proxy, remove_boundary, remove_proxy, shallow_clone
 from bdia_fx.passes.revert import revert_chains
+from bdia_fx.scheme_chain import SchemeForm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,11 @@ def revert(model: nn.Module, quantize: bool = False) -> nn.Module:
     A model that was never called (or was just loaded from a pickle) has no graph yet: its blocks
     are reverted all the same and :func:`graph_of` gives None. ``model`` is not changed. Raises
     :class:`ConversionError` if ``model`` was not converted.
+
+    A chain converted with ``BDIAConfig(scheme=...)`` reverts to the scheme's inference form, not to
+    the original blocks (the scheme changed the model): its blocks stay proxies of the scheme's step
+    (on codes with ``quantize=True``, on floats otherwise) and :func:`graph_of` shows the float form
+    (None with ``quantize=True``: that form runs on int64 codes).
     """
     state = state_of(model)
     if not state.runtimes and quantize:
@@ -45,14 +51,21 @@ def revert(model: nn.Module, quantize: bool = False) -> nn.Module:
             "revert(quantize=True) needs the model's chains, but this converted model has not been called "
             "yet; call it once or pass example inputs to bdia_fx.convert", module="")
     clone = shallow_clone(model)
-    graph = revert_chains(state.graph, state.plan, quantize, state.config.frac_bits) if state.plan is not None else None
+    schemes = {r.container: r.scheme for r in state.runtimes.values() if r.scheme is not None}
+    graph = None  # a scheme chain's quantized form runs on int64 codes: no graph of it (the model runs it)
+    if state.plan is not None and not (schemes and quantize):
+        graph = revert_chains(state.graph, state.plan, quantize, state.config.frac_bits, schemes)
     detach_state(clone)
     modules = dict(clone.named_modules())
     for runtime in state.runtimes.values():
         remove_boundary(modules[runtime.container.rpartition(".")[0]])
+        form = None if runtime.scheme is None else \
+            SchemeForm(runtime.container, runtime.scheme, state.config.frac_bits, quantize, len(runtime.blocks))
         for index, path in enumerate(runtime.block_paths):
             remove_proxy(modules[path])
-            if quantize:
+            if form is not None:
+                install_scheme_proxy(modules[path], index, form, path, runtime.slots[index], runtime.branch)
+            elif quantize:
                 install_gamma0_proxy(modules[path], index, state.config.frac_bits, path, runtime.slots[index],
                                      runtime.branch)
     _REVERTED[clone] = RevertedInfo(graph, quantize, state.config.frac_bits)

@@ -35,6 +35,8 @@ from bdia_fx.config import BDIAConfig
 from bdia_fx.errors import ConversionError, ReversibilityError
 from bdia_fx.frame import ChainFrame, StepRecord, recomputing
 from bdia_fx.guards import StepState, record_step, version_of
+from bdia_fx.scheme_chain import SchemeForm, SchemeFrame, block_map_of, grad_inputs_of, scheme_block_forward
+from bdia_fx.schemes import scheme_of
 
 if TYPE_CHECKING:
     from bdia_fx.passes.plan import ChainPlan, StepGraph
@@ -237,6 +239,10 @@ class ChainRuntime:
         self._frame: ChainFrame | None = None  # the training call whose forward is running
         self._training = False  # whether the running call trains (some block of the chain is in training mode)
         self._plans: dict[Any, tuple] = {}  # granularity="sublayer": (plan, rebuild) per block call and shapes
+        # BDIAConfig(scheme=...) other than BDIA: the chain integrates its blocks with that scheme
+        self.scheme = None if config.scheme == "bdia" else scheme_of(config.scheme)
+        self.form = None if self.scheme is None else \
+            SchemeForm(container, self.scheme, config.frac_bits, config.quantize_eval, len(blocks))
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -252,6 +258,9 @@ class ChainRuntime:
         if index == 0:  # the whole chain call trains if any of its blocks is in training mode
             self._training = any(b.training for b in self.blocks)
         if not self._training:
+            if self.form is not None:
+                return scheme_block_forward(self.form, block, original, args, kwargs, index, where,
+                                            self.slots[index], self.branch)
             if not self.config.quantize_eval:
                 return original.forward(block, *args, **kwargs)
             return gamma0_block_forward(block, original, args, kwargs, self.config.frac_bits, index == 0, where,
@@ -260,7 +269,7 @@ class ChainRuntime:
         if index == 0:
             if x.dim() <= self.batch_dim:
                 raise ConversionError(f"stream has {x.dim()} dims, no batch dim {self.batch_dim}", module=where)
-            self._frame = ChainFrame(self.container, x, self.config, self.batch_dim, tuple(self.observers))
+            self._frame = self._new_frame(x, where)
         elif self.branch:
             self._accept_parent_add(index, x)
         else:
@@ -269,10 +278,25 @@ class ChainRuntime:
         frame.next_block = index + 1
         passed, x = x, (frame.out if self.branch and index > 0 else x)  # a branch chain steps from its own stream
         try:
+            if self.scheme is not None:
+                return self._train_scheme_block(frame, index, block, original, call, passed)
             return self._train_block(frame, index, block, original, x, call, passed)
         except BaseException:
             self._frame = None  # a failed call keeps nothing alive until the next one
             raise
+
+    def _new_frame(self, x: torch.Tensor, where: str) -> ChainFrame | SchemeFrame:
+        """The frame of a training call starting at block 0 with stream ``x``."""
+        if self.scheme is None:
+            return ChainFrame(self.container, x, self.config, self.batch_dim, tuple(self.observers))
+        sharded = [p for p, b in zip(self.block_paths, self.blocks) if type(b).__name__.startswith("FSDP")]
+        if sharded:
+            raise ConversionError(
+                f"scheme chain '{self.container}' runs its backward in one autograd node, which FSDP's per-block "
+                f"hooks cannot see ('{sharded[0]}' is sharded with fully_shard); shard the model above the chain, "
+                "or train with the default BDIA scheme", module=sharded[0])
+        return SchemeFrame(self.container, self.scheme, self.config.frac_bits, self.config.mode == "reversible",
+                           self.config.verify, x, len(self.blocks))
 
     def _check_order(self, index: int) -> tuple[ChainFrame, str, str]:
         """The running call's frame, block ``index``'s path and the previous block's, if block ``index`` is due."""
@@ -344,6 +368,29 @@ class ChainRuntime:
         frame.finish_forward()
         return rebuild(returned)
 
+    def _train_scheme_block(self, frame: SchemeFrame, index: int, block: nn.Module, original: type,
+                            call: BlockCall, passed: torch.Tensor) -> Any:
+        """Block ``index`` as step k of a scheme chain (:mod:`bdia_fx.scheme_chain`); the chain steps
+        from its own state, so ``passed`` (the stream the parent handed over) is only checked."""
+        where, slots = self.block_paths[index], self.slots[index]
+        sides = call.side_tensors()
+        state = record_step(block, where, sides, call.leaf_name) if frame.reversible else None
+        block_map, first_rebuild = block_map_of(block, original, call, slots, where)
+        z = frame.step(index, where, block_map, self.branch, state, self.random_blocks[index],
+                       grad_inputs_of(block, sides))
+        rebuild = first_rebuild()
+        returned = z - passed if self.branch else z
+        if index < len(self.blocks) - 1:
+            frame.out, frame.out_version = z, version_of(z)
+            if self.branch:
+                frame.branch_io = (returned, passed, version_of(returned))
+            return rebuild(returned)
+        self._frame = None
+        joined = frame.finish()
+        if joined is not None:
+            returned = joined - passed if self.branch else joined
+        return rebuild(returned)
+
     def _steps_of(self, index: int, block: nn.Module, original: type, x: torch.Tensor,
                   call: BlockCall) -> list[tuple[StepFunction, str, bool]]:
         """The BDIA steps of one block call: the whole block, or one per sequential residual add."""
@@ -381,6 +428,8 @@ class ChainRuntime:
         the chain's side inputs: the BDIA chain in training, the γ = 0 chain otherwise. The steps are
         the planned graphs of the blocks, the machinery the same as for the eager model's calls."""
         block_sides = [[sides[i] for i in plan.side_positions(block)] for block in plan.blocks]
+        if self.scheme is not None:
+            return self._run_scheme_plan(plan, x, block_sides, training)
         if not training:
             for index, block in enumerate(plan.blocks):
                 for step in block.steps:
@@ -400,6 +449,31 @@ class ChainRuntime:
         self._frame = None
         frame.finish_forward()
         return x
+
+    def _run_scheme_plan(self, plan: ChainPlan, x: torch.Tensor, block_sides: list[list[torch.Tensor]],
+                         training: bool) -> torch.Tensor:
+        """:meth:`run_plan` for a scheme chain: its inference form, or its training frame."""
+        def block_map(index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+            steps, block, sides = plan.blocks[index].steps, self.blocks[index], block_sides[index]
+            return lambda z: functools.reduce(lambda s, step: step(block, s, sides), steps, z)
+
+        if not training:
+            out = x
+            for index, block in enumerate(plan.blocks):
+                out = self.form.step(index, out, block_map(index), False, block.path)
+            return out
+        frame = self._frame = self._new_frame(x, self.container)
+        z = x
+        for index, block in enumerate(plan.blocks):
+            named = list(enumerate(block_sides[index]))
+            state = None
+            if frame.reversible:
+                state = record_step(self.blocks[index], block.path, named, lambda i, b=block: b.side_inputs[i].name)
+            z = frame.step(index, block.path, block_map(index), False, state, any(s.random for s in block.steps),
+                           grad_inputs_of(self.blocks[index], named))
+        self._frame = None
+        joined = frame.finish()
+        return z if joined is None else joined
 
     # ------------------------------------------------------------------ both
     def _run_steps(self, frame: ChainFrame, index: int, x: torch.Tensor, steps: list[tuple[StepFunction, str, bool]],

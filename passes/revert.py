@@ -15,14 +15,21 @@ from torch import fx
 
 from bdia_fx.errors import ConversionError
 from bdia_fx.fixed_point import quantize as quantize_fn
-from bdia_fx.passes.plan import ModelPlan, copy_graph, owned_graph_module
+from bdia_fx.passes.plan import ChainPlan, ModelPlan, copy_graph, owned_graph_module
 from bdia_fx.passes.rewrite import CHAIN_META_KEY, QUANT_META_KEY, safe_name
+from bdia_fx.scheme_chain import SchemeForm
+from bdia_fx.schemes import Scheme
 
 REVERT_META_KEY = "bdia_reverted"
 
 
-def revert_chains(gm: fx.GraphModule, plan: ModelPlan, quantize: bool, frac_bits: int) -> fx.GraphModule:
+def revert_chains(gm: fx.GraphModule, plan: ModelPlan, quantize: bool, frac_bits: int,
+                  schemes: dict[str, Scheme] | None = None) -> fx.GraphModule:
     """A copy of the rewritten graph ``gm`` with every BDIA chain node replaced by its γ = 0 block chain.
+
+    A chain in ``schemes`` (container → scheme, ``BDIAConfig(scheme=...)``) becomes the scheme's float
+    inference form instead: its shears traced onto the graph, each vector-field evaluation a fresh copy
+    of the block's nodes (the float form only: ``quantize`` must be False for such chains).
 
     Raises :class:`ConversionError` if ``gm`` has no chain node (it was not made by the rewrite pass).
     """
@@ -40,6 +47,9 @@ def revert_chains(gm: fx.GraphModule, plan: ModelPlan, quantize: bool, frac_bits
             chain = chains[node.meta[CHAIN_META_KEY].container]
             sides = {side.name: env[arg.name] for side, arg in zip(chain.side_inputs, node.args[1:])}
             x = env[node.args[0].name]
+            if chain.container in (schemes or {}):
+                env[node.name] = _scheme_form(graph, chain, {**env, **sides}, x, schemes[chain.container])
+                continue
             for index, block in enumerate(chain.blocks):
                 inner: dict[str, fx.Node] = {**env, **sides, block.stream_in.name: x}
                 for original in block.nodes:
@@ -54,6 +64,29 @@ def revert_chains(gm: fx.GraphModule, plan: ModelPlan, quantize: bool, frac_bits
             env[node.name] = graph.node_copy(node, lambda n: env[n.name])
     graph.lint()
     return owned_graph_module(graph, "BDIARevertedGraph", gm)
+
+
+def _scheme_form(graph: fx.Graph, chain: ChainPlan, env: dict[str, fx.Node], x: fx.Node, scheme: Scheme) -> fx.Node:
+    """The scheme's float form of ``chain`` on ``graph`` from stream ``x`` (the shears traced with fx proxies)."""
+    tracer = fx.proxy.GraphAppendingTracer(graph)
+
+    def block_map(index: int):
+        block = chain.blocks[index]
+
+        def run(z: fx.Proxy) -> fx.Proxy:
+            inner = {**env, block.stream_in.name: z.node}
+            for original in block.nodes:
+                copied = graph.node_copy(original, lambda n: inner[n.name])
+                copied.meta[REVERT_META_KEY] = (chain.container, index)
+                inner[original.name] = copied
+            return fx.Proxy(inner[block.stream_out.name], tracer)
+        return run
+
+    form = SchemeForm(chain.container, scheme, 0, False, len(chain.blocks))
+    z = fx.Proxy(x, tracer)
+    for index, block in enumerate(chain.blocks):
+        z = form.step(index, z, block_map(index), False, block.path)
+    return z.node
 
 
 def _quantized(graph: fx.Graph, x: fx.Node, container: str, frac_bits: int, label: str) -> fx.Node:

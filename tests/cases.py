@@ -38,6 +38,7 @@ SIZED_CASES = {
     "vit": (lambda: vit(3), lambda b, t: (torch.randn(b, 1, 16, 16),), {}),
     "t5": (lambda: t5(3), lambda b, t: _t5_inputs(b, t), {"use_cache": False}),
     "parent-loop": (lambda: ParentLoopViT(), lambda b, t: (torch.randn(b, t, 8),), {}),
+    "sequential-of-residual-wrappers": (lambda: residual_sequential(), lambda b, t: (torch.randn(b, t, 8),), {}),
 }
 
 
