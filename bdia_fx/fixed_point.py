@@ -57,6 +57,12 @@ def to_codes(x: torch.Tensor, frac_bits: int,
     return _round(x.to(compute_dtype(x.dtype)).mul(2.0**frac_bits), code_dtype)
 
 
+def codes_unchecked(x: torch.Tensor, frac_bits: int, code_dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """The codes of :func:`to_codes` without the range (inference forms, where nothing would read it;
+    plain ops an ONNX export can carry)."""
+    return x.to(compute_dtype(x.dtype)).mul(2.0**frac_bits).round().to(code_dtype)
+
+
 def range_problem(low: float, high: float, frac_bits: int, dtype: torch.dtype | None = None) -> str | None:
     """Why codes with this [min, max] cannot be held exactly, or None when they can. With ``dtype``
     (the stream's), the values must also be finite in it: blocks read them in that dtype."""

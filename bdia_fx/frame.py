@@ -27,6 +27,7 @@ import torch
 
 from bdia_fx import fixed_point as fp
 from bdia_fx.errors import FixedPointRangeError, ReversibilityError
+from bdia_fx.schemes import BDIA
 
 if TYPE_CHECKING:
     from bdia_fx.observe import ChainObserver
@@ -184,6 +185,7 @@ class ChainFrame:
     def __init__(self, container: str, x: torch.Tensor, config, batch_dim: int,
                  observers: tuple[ChainObserver, ...]):
         self.container = container
+        self.scheme = BDIA  # its step math (bdia_fx.schemes: the scheme interface)
         self.frac_bits = config.frac_bits
         self.dtype = x.dtype
         self.autograd = torch.is_grad_enabled()  # no backward can follow otherwise
@@ -221,9 +223,9 @@ class ChainFrame:
     def make_update(self, k: int, f: torch.Tensor, x_codes: torch.Tensor, direction: str) -> torch.Tensor:
         """Codes of Q[v_k] from the step's output ``f`` and the codes of its input."""
         if k == 0:
-            b, stats = fp.update_codes(f, None, None, 2.0**self.frac_bits)
+            b, stats = self.scheme.update(f, None, None, 2.0**self.frac_bits)
         else:
-            b, stats = fp.update_codes(f, x_codes, self.gammas.sign(k), self.gammas.coefficient(k, self.frac_bits))
+            b, stats = self.scheme.update(f, x_codes, self.gammas.sign(k), self.gammas.coefficient(k, self.frac_bits))
         if self.verify:  # a recompute that differs is named before its consequences (its range)
             (self.checks.forward_sum if direction == "forward" else self.checks.backward_sum)(k, b)
         self.checks.record_range(direction, "update", k, stats)
@@ -235,10 +237,10 @@ class ChainFrame:
         if k == 0:
             new = b
         else:
-            new = fp.bdia_forward(self.below, b, self.gammas.sign(k))
+            new = self.scheme.forward(self.below, b, self.gammas.sign(k))
             self.checks.record_range("forward", "stream", k, fp.value_range(new))
             if self.reversible:
-                saved.append(fp.pack_side_bits(self.below))
+                saved.append(self.scheme.side(self.below))
         self.below, self.top = self.top, new
         for observer in self.observers:
             observer.stream_codes(self, k + 1, new, rebuilt=False)
@@ -264,8 +266,7 @@ class ChainFrame:
         if k == 0:
             self.codes.pop(0)
             return
-        bits = fp.unpack_side_bits(self.bits.pop(k), b.shape)
-        self.codes[k - 1] = fp.bdia_inverse(above, b, self.gammas.sign(k), bits)
+        self.codes[k - 1] = self.scheme.inverse(above, b, self.gammas.sign(k), self.bits.pop(k))
         for observer in self.observers:
             observer.stream_codes(self, k - 1, self.codes[k - 1], rebuilt=True)
 

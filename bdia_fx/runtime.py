@@ -35,8 +35,9 @@ from bdia_fx.config import BDIAConfig
 from bdia_fx.errors import ConversionError, ReversibilityError
 from bdia_fx.frame import ChainFrame, StepRecord, recomputing
 from bdia_fx.guards import StepState, record_step, version_of
-from bdia_fx.scheme_chain import SchemeForm, SchemeFrame, block_map_of, grad_inputs_of, scheme_block_forward
-from bdia_fx.schemes import scheme_of
+from bdia_fx.scheme_chain import SchemeFrame, block_map_of, grad_inputs_of, scheme_block_forward
+from bdia_fx.scheme_form import SchemeForm
+from bdia_fx.schemes import BDIA, scheme_of
 
 if TYPE_CHECKING:
     from bdia_fx.passes.plan import ChainPlan, StepGraph
@@ -73,7 +74,7 @@ def gamma0_block_forward(block: nn.Module, original: type, args: tuple, kwargs: 
     f, rebuild = split_output(original.forward(block, *f_args, **f_kwargs), slots, where)
     if branch:
         return rebuild(fp.quantize(x + f, frac_bits) - x_in)
-    return rebuild(fp.quantize(f, frac_bits))
+    return rebuild(BDIA.inference(f, frac_bits))
 
 
 class _EnterChain(torch.autograd.Function):
@@ -115,7 +116,7 @@ class _Update(torch.autograd.Function):
             return grad, None, None, None, None, None, None
         gamma = frame.gammas.gamma(k)
         frame.gammas.release(k)  # step k is done backward (drawn again if a retained graph runs again)
-        grad_f, grad_x = fp.update_grads(grad, gamma)
+        grad_f, grad_x, _ = frame.scheme.gradients(grad, gamma)
         return grad_f, grad_x, None, None, None, None, None
 
 
@@ -162,7 +163,8 @@ class _StreamUpdate(torch.autograd.Function):
         link = grad.new_zeros(0)
         if k == 0:
             return None, link, None, None, None
-        return fp.half_term_grad(grad, frame.gammas.gamma(k)), link, None, None, None
+        _, _, grad_below = frame.scheme.gradients(grad, frame.gammas.gamma(k))
+        return grad_below, link, None, None, None
 
 
 class _Step:
@@ -240,9 +242,9 @@ class ChainRuntime:
         self._training = False  # whether the running call trains (some block of the chain is in training mode)
         self._plans: dict[Any, tuple] = {}  # granularity="sublayer": (plan, rebuild) per block call and shapes
         # BDIAConfig(scheme=...) other than BDIA: the chain integrates its blocks with that scheme
-        self.scheme = None if config.scheme == "bdia" else scheme_of(config.scheme)
-        self.form = None if self.scheme is None else \
-            SchemeForm(container, self.scheme, config.frac_bits, config.quantize_eval, len(blocks))
+        self.shear_scheme = None if config.scheme == "bdia" else scheme_of(config.scheme)
+        self.form = None if self.shear_scheme is None else \
+            SchemeForm(container, self.shear_scheme, config.frac_bits, config.quantize_eval, len(blocks))
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -278,7 +280,7 @@ class ChainRuntime:
         frame.next_block = index + 1
         passed, x = x, (frame.out if self.branch and index > 0 else x)  # a branch chain steps from its own stream
         try:
-            if self.scheme is not None:
+            if self.shear_scheme is not None:
                 return self._train_scheme_block(frame, index, block, original, call, passed)
             return self._train_block(frame, index, block, original, x, call, passed)
         except BaseException:
@@ -287,7 +289,7 @@ class ChainRuntime:
 
     def _new_frame(self, x: torch.Tensor, where: str) -> ChainFrame | SchemeFrame:
         """The frame of a training call starting at block 0 with stream ``x``."""
-        if self.scheme is None:
+        if self.shear_scheme is None:
             return ChainFrame(self.container, x, self.config, self.batch_dim, tuple(self.observers))
         sharded = [p for p, b in zip(self.block_paths, self.blocks) if type(b).__name__.startswith("FSDP")]
         if sharded:
@@ -295,7 +297,7 @@ class ChainRuntime:
                 f"scheme chain '{self.container}' runs its backward in one autograd node, which FSDP's per-block "
                 f"hooks cannot see ('{sharded[0]}' is sharded with fully_shard); shard the model above the chain, "
                 "or train with the default BDIA scheme", module=sharded[0])
-        return SchemeFrame(self.container, self.scheme, self.config.frac_bits, self.config.mode == "reversible",
+        return SchemeFrame(self.container, self.shear_scheme, self.config.frac_bits, self.config.mode == "reversible",
                            self.config.verify, x, len(self.blocks))
 
     def _check_order(self, index: int) -> tuple[ChainFrame, str, str]:
@@ -428,7 +430,7 @@ class ChainRuntime:
         the chain's side inputs: the BDIA chain in training, the γ = 0 chain otherwise. The steps are
         the planned graphs of the blocks, the machinery the same as for the eager model's calls."""
         block_sides = [[sides[i] for i in plan.side_positions(block)] for block in plan.blocks]
-        if self.scheme is not None:
+        if self.shear_scheme is not None:
             return self._run_scheme_plan(plan, x, block_sides, training)
         if not training:
             for index, block in enumerate(plan.blocks):

@@ -7,7 +7,8 @@ sees, and e.g. the leapfrog's velocity v) in int64 codes of the config's grid; t
 shears run at block 0. Every step is a sequence of shears, so the walk down rebuilds every part bit
 for bit with no side bits at all (BDIA keeps one per element per block).
 
-- Inference form (``.eval()``, :func:`bdia_fx.revert`, :func:`bdia_fx.export_onnx`): the scheme's
+- Inference form (``.eval()``, :func:`bdia_fx.revert`, :func:`bdia_fx.export_onnx`;
+  :mod:`bdia_fx.scheme_form`): the scheme's
   own step over the blocks, on codes (``quantize``) or on floats. Unlike BDIA at γ = 0 it is *not*
   the original model: the scheme changes what the network computes, and it must be trained so.
 - ``mode="stored"``: the shears run with autograd (straight-through Q): the reference.
@@ -16,7 +17,8 @@ for bit with no side bits at all (BDIA keeps one per element per block).
   increment once (for the inversion and its vector–Jacobian product), under the forward's module
   state (:mod:`bdia_fx.guards`) and random state (``torch.utils.checkpoint``'s device-state
   helpers, recorded before every shear of a block with dropout). Kept: the final codes of every
-  part, and per block a 16-byte checksum of z (``verify``) and what the guards keep.
+  part (saved tensors of that Function), and per block a 16-byte checksum of z (``verify``), the
+  random states of a block with dropout, and what the guards keep — nothing per element per block.
 """
 
 from __future__ import annotations
@@ -33,64 +35,11 @@ from torch.autograd.function import once_differentiable
 
 from bdia_fx import fixed_point as fp
 from bdia_fx.calls import BlockCall, StreamSlots, split_call, split_output
-from bdia_fx.errors import ConversionError, FixedPointRangeError, ReversibilityError
+from bdia_fx.errors import FixedPointRangeError, ReversibilityError
 from bdia_fx.frame import recomputing
 from bdia_fx.guards import StepState
-from bdia_fx.schemes import Field, Scheme, Shear, apply_shear, float_shears, read, undo_shear
-
-BlockMap = Callable[[torch.Tensor], torch.Tensor]
-"""One block as a map of the stream: its output (a residual block's x + h(x), a branch's h(x))."""
-
-
-def chain_shears(scheme: Scheme, field: Field, k: int) -> list[Shear]:
-    """The shears of chain step k (step size 1 from t = k); step 0 starts with the scheme's start shears."""
-    return (scheme.start(field, 0.0) if k == 0 else []) + scheme.step(field, float(k), 1.0)
-
-
-def block_field(block_map: BlockMap, branch: bool) -> Field:
-    """The vector field of one block: h(z) = output − z (a branch module's output is h(z) already)."""
-    if branch:
-        return lambda t, z: block_map(z)
-    return lambda t, z: block_map(z) - z
-
-
-class SchemeForm:
-    """The inference form of a scheme chain, block call by block call: the parts beyond the stream
-    live here from block 0's call to the last block's (the parent hands over only the stream)."""
-
-    def __init__(self, container: str, scheme: Scheme, frac_bits: int, quantize: bool, blocks: int):
-        self.container, self.scheme, self.frac_bits, self.quantize = container, scheme, frac_bits, quantize
-        self.blocks = blocks
-        self._parts: list[torch.Tensor] | None = None  # codes (quantize) or values, while a call runs
-        self._out: torch.Tensor | None = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_parts": None, "_out": None}
-
-    def step(self, k: int, x: torch.Tensor, block_map: BlockMap, branch: bool, where: str) -> torch.Tensor:
-        """Block k's call: the new stream z_{k+1} from z_k = ``x`` (a branch gets z_{k+1} − x back)."""
-        if k == 0:
-            parts = [x] + [torch.zeros_like(x) for _ in self.scheme.parts[1:]]
-            if self.quantize:
-                parts = [fp.to_codes(p, self.frac_bits, torch.int64)[0] for p in parts]
-        else:
-            if self._parts is None or (not branch and x is not self._out):  # a branch's stream is the parent's sum
-                raise ConversionError(
-                    f"block {k} of scheme chain '{self.container}' did not get block {k - 1}'s output: a scheme "
-                    "chain carries state between its blocks, so they must run in order, each once per call, with "
-                    "nothing changing the stream in between", module=where)
-            parts = self._parts
-        field = block_field(block_map, branch)
-        if self.quantize:
-            dtype = x.dtype
-            for shear in chain_shears(self.scheme, field, k):
-                parts, _, _ = apply_shear(shear, parts, self.frac_bits, dtype)
-            z = read(parts[0], self.frac_bits, dtype)
-        else:
-            parts = float_shears(chain_shears(self.scheme, field, k), parts)
-            z = parts[0]
-        self._parts, self._out = (None, None) if k == self.blocks - 1 else (parts, z)
-        return z - x if branch else z
+from bdia_fx.scheme_form import BlockMap, SchemeForm, block_field, chain_shears
+from bdia_fx.schemes import Field, Scheme, apply_shear, read, undo_shear
 
 
 def block_map_of(block: nn.Module, original: type, call: BlockCall, slots: StreamSlots, where: str
@@ -200,10 +149,10 @@ class SchemeFrame:
         return _SchemeChainBackward.apply(self, self.x_in, *inputs)
 
     # ---------------------------------------------------------------- backward
-    def walk_down(self, grad_out: torch.Tensor, inputs: list[torch.Tensor]
+    def walk_down(self, codes: list[torch.Tensor], grad_out: torch.Tensor, inputs: list[torch.Tensor]
                   ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """Undo every block's shears from the top: the gradient w.r.t. x_in and ``inputs``."""
-        codes, bits, dtype = list(self.codes), self.frac_bits, self.dtype
+        """Undo every block's shears from the top ``codes``: the gradient w.r.t. x_in and ``inputs``."""
+        bits, dtype = self.frac_bits, self.dtype
         grads = [grad_out] + [torch.zeros_like(grad_out) for _ in self.scheme.parts[1:]]
         totals: list[torch.Tensor | None] = [None] * len(inputs)
         mismatched: list[tuple[str, torch.Tensor]] = []
@@ -245,14 +194,17 @@ class _SchemeChainBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, frame: SchemeFrame, x_in: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         ctx.frame = frame
-        return read(frame.codes[0], frame.frac_bits, frame.dtype)
+        ctx.save_for_backward(*frame.codes)  # the top codes of every part: all the walk down starts from
+        out = read(frame.codes[0], frame.frac_bits, frame.dtype)
+        frame.codes = []
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         frame = ctx.frame  # the walk down leaves the frame's codes as they are: a retained graph runs again
         inputs = list(frame.inputs.values())
-        grad_x, totals = frame.walk_down(grad, inputs)
+        grad_x, totals = frame.walk_down(list(ctx.saved_tensors), grad, inputs)
         return (None, grad_x, *totals)
 
 

@@ -90,6 +90,15 @@ def apply_shear(shear: Shear, codes: Sequence[torch.Tensor], frac_bits: int, dty
     return new, new_values, check
 
 
+def shear_codes(shear: Shear, codes: Sequence[torch.Tensor], frac_bits: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """One shear forward on codes without range checks: the codes :func:`apply_shear` gives (an
+    inference form's step, where nothing would read the checks)."""
+    b = fp.codes_unchecked(shear.increment(_reads(codes, shear.target, frac_bits, dtype)), frac_bits)
+    new = list(codes)
+    new[shear.target] = codes[shear.target] * shear.sign + b if shear.sign != 1 else codes[shear.target] + b
+    return new
+
+
 def undo_shear(shear: Shear, codes: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], frac_bits: int,
                dtype: torch.dtype, params: Sequence[torch.Tensor]
                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None]]:
@@ -315,6 +324,65 @@ class ReversibleRK(Scheme):
         return errors[0]
 
 
+# ---------------------------------------------------------------- BDIA in the interface's terms
+class BDIAScheme:
+    """BDIA (seeds 000–002), the default scheme of :func:`bdia_fx.convert`, in the interface's terms; the
+    chain runtime (:mod:`bdia_fx.frame`, :mod:`bdia_fx.runtime`) runs its steps through these methods.
+
+    State (x_k, x_{k−1}); step k from the block output f_k = f_k(x_k) and γ = sign/2 per sample:
+    x_{k+1} = Q[γx_{k−1}] + Q[v_k], v_k = (1+γ)f_k − 2γx_k (step 0: x_1 = Q[f_0]). Exact inverse:
+    x_{k−1} from x_{k+1}, Q[v_k] and one side bit per element (the low bit of x_{k−1}'s code, which
+    the halving drops), so it stores ``side_bits = 1`` per element per step. Inference form γ = 0:
+    x_{k+1} = Q[f_k(x_k)], the original block up to Q. Not a shear scheme (Q[γx_{k−1}] halves a
+    part), so :func:`bdia_fx.odeint` does not take it. The fixed-point arithmetic is
+    :mod:`bdia_fx.fixed_point`'s (int32 codes, range checked by the caller).
+    """
+
+    name = "bdia"
+    order = 1
+    parts = ("x_k", "x_{k-1}")
+    side_bits = 1
+
+    @staticmethod
+    def update(f: torch.Tensor, x_codes: torch.Tensor | None, sign: torch.Tensor | None,
+               coefficient: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes of Q[v_k] from f_k and x_k's codes (step 0: ``sign`` None, Q[f_0]); and their range."""
+        return fp.update_codes(f, x_codes, sign, coefficient)
+
+    @staticmethod
+    def forward(below: torch.Tensor, update: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+        """x_{k+1}'s codes from x_{k−1}'s and Q[v_k]'s."""
+        return fp.bdia_forward(below, update, sign)
+
+    @staticmethod
+    def side(below: torch.Tensor) -> torch.Tensor:
+        """What the step stores: x_{k−1}'s low code bits, packed eight to a byte."""
+        return fp.pack_side_bits(below)
+
+    @staticmethod
+    def inverse(above: torch.Tensor, update: torch.Tensor, sign: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        """x_{k−1}'s codes from x_{k+1}'s, Q[v_k]'s and the stored side bits, bit for bit."""
+        return fp.bdia_inverse(above, update, sign, fp.unpack_side_bits(side, update.shape))
+
+    @staticmethod
+    def gradients(grad: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Straight-through gradients of g = ∂L/∂x_{k+1} w.r.t. f_k, x_k and x_{k−1}."""
+        grad_f, grad_x = fp.update_grads(grad, gamma)
+        return grad_f, grad_x, fp.half_term_grad(grad, gamma)
+
+    @staticmethod
+    def inference(f: torch.Tensor, frac_bits: int) -> torch.Tensor:
+        """The inference step at γ = 0: Q[f_k(x_k)]."""
+        return fp.quantize(f, frac_bits)
+
+    def __repr__(self) -> str:
+        return "BDIAScheme('bdia', order 1, 1 side bit)"
+
+
+BDIA = BDIAScheme()
+"""The BDIA scheme (``BDIAConfig(scheme="bdia")``, the default)."""
+
+
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (AsyncLeapfrog(), Composition(AsyncLeapfrog()),
                                                    ReversibleRK(BOGACKI_SHAMPINE), ReversibleRK(DORMAND_PRINCE))}
 """The built-in schemes by name: ``alf`` (order 2), ``alf4`` (its triple jump, order 4),
@@ -325,6 +393,9 @@ def scheme_of(scheme: str | Scheme) -> Scheme:
     """A :class:`Scheme` from itself or its name; ValueError naming the known ones otherwise."""
     if isinstance(scheme, Scheme):
         return scheme
+    if scheme == "bdia" or isinstance(scheme, BDIAScheme):
+        raise ValueError("BDIA is not a shear scheme (it stores one side bit per element per step): it runs as "
+                         f"bdia_fx.convert's chain runtime, not here; pass one of {sorted(SCHEMES)}")
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be a Scheme or one of {sorted(SCHEMES)}, got {scheme!r}")
     return SCHEMES[scheme]

@@ -17,7 +17,7 @@ from bdia_fx.errors import ConversionError
 from bdia_fx.fixed_point import quantize as quantize_fn
 from bdia_fx.passes.plan import ChainPlan, ModelPlan, copy_graph, owned_graph_module
 from bdia_fx.passes.rewrite import CHAIN_META_KEY, QUANT_META_KEY, safe_name
-from bdia_fx.scheme_chain import SchemeForm
+from bdia_fx.scheme_form import SchemeForm
 from bdia_fx.schemes import Scheme
 
 REVERT_META_KEY = "bdia_reverted"
