@@ -24,6 +24,7 @@ would keep the previous call's activations alive.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -55,7 +56,7 @@ def record_step(block: nn.Module, path: str, side_inputs: list[tuple[int, torch.
                                  ("submodule", module._modules))
              for key, value in table.items() if value is not None]
     versions = [version_of(value) if isinstance(value, torch.Tensor) else None for *_, value in slots]
-    sides = [(index, t, version_of(t)) for index, t in side_inputs]
+    sides = [(index, weakref.ref(t), version_of(t)) for index, t in side_inputs]  # not kept alive by the guard
     return StepState(path, modules, slots, versions, sides, name_of, [_plain_state(m) for _, m in modules])
 
 
@@ -77,8 +78,9 @@ class StepState:
                     "backward (e.g. optimizer.step() or load_state_dict() before loss.backward(), or an in-place "
                     "write such as weight.add_()); the recompute would use the new values. Plain autograd raises "
                     "here too: run backward before changing parameters", module=self.path)
-        for index, tensor, version in self.sides:
-            if version is not None and tensor._version != version:
+        for index, ref, version in self.sides:
+            tensor = ref()
+            if version is not None and tensor is not None and tensor._version != version:
                 raise ReversibilityError(
                     f"side input '{self.name_of(index)}' of this block (a mask, position table or encoder state) was "
                     "modified in place between the forward and the backward; the recompute would read the new "

@@ -35,7 +35,7 @@ from bdia_fx.config import BDIAConfig
 from bdia_fx.errors import ConversionError, ReversibilityError
 from bdia_fx.frame import ChainFrame, StepRecord, recomputing
 from bdia_fx.guards import StepState, record_step, version_of
-from bdia_fx.scheme_chain import SchemeFrame, block_map_of, grad_inputs_of, scheme_block_forward
+from bdia_fx.scheme_chain import SchemeFrame, block_map_of, scheme_block_forward
 from bdia_fx.scheme_form import SchemeForm
 from bdia_fx.schemes import BDIA, scheme_of
 
@@ -116,7 +116,7 @@ class _Update(torch.autograd.Function):
             return grad, None, None, None, None, None, None
         gamma = frame.gammas.gamma(k)
         frame.gammas.release(k)  # step k is done backward (drawn again if a retained graph runs again)
-        grad_f, grad_x, _ = frame.scheme.gradients(grad, gamma)
+        grad_f, grad_x = frame.scheme.update_gradients(grad, gamma)
         return grad_f, grad_x, None, None, None, None, None
 
 
@@ -163,8 +163,7 @@ class _StreamUpdate(torch.autograd.Function):
         link = grad.new_zeros(0)
         if k == 0:
             return None, link, None, None, None
-        _, _, grad_below = frame.scheme.gradients(grad, frame.gammas.gamma(k))
-        return grad_below, link, None, None, None
+        return frame.scheme.below_gradient(grad, frame.gammas.gamma(k)), link, None, None, None
 
 
 class _Step:
@@ -376,10 +375,11 @@ class ChainRuntime:
         from its own state, so ``passed`` (the stream the parent handed over) is only checked."""
         where, slots = self.block_paths[index], self.slots[index]
         sides = call.side_tensors()
-        state = record_step(block, where, sides, call.leaf_name) if frame.reversible else None
-        block_map, first_rebuild = block_map_of(block, original, call, slots, where)
-        z = frame.step(index, where, block_map, self.branch, state, self.random_blocks[index],
-                       grad_inputs_of(block, sides))
+        names = {i: call.leaf_name(i) for i, _ in sides}  # the frame outlives the call: keep no leaf of it
+        state = record_step(block, where, sides, names.__getitem__) if frame.reversible else None
+        rebind, side_tensors, first_rebuild = block_map_of(block, original, call, slots, where)
+        z = frame.step(index, where, rebind, side_tensors, [p for p in block.parameters() if p.requires_grad],
+                       self.branch, state, self.random_blocks[index])
         rebuild = first_rebuild()
         returned = z - passed if self.branch else z
         if index < len(self.blocks) - 1:
@@ -455,25 +455,25 @@ class ChainRuntime:
     def _run_scheme_plan(self, plan: ChainPlan, x: torch.Tensor, block_sides: list[list[torch.Tensor]],
                          training: bool) -> torch.Tensor:
         """:meth:`run_plan` for a scheme chain: its inference form, or its training frame."""
-        def block_map(index: int) -> Callable[[torch.Tensor], torch.Tensor]:
-            steps, block, sides = plan.blocks[index].steps, self.blocks[index], block_sides[index]
-            return lambda z: functools.reduce(lambda s, step: step(block, s, sides), steps, z)
+        def rebind(index: int) -> Callable[[list[torch.Tensor]], Callable[[torch.Tensor], torch.Tensor]]:
+            steps, block = plan.blocks[index].steps, self.blocks[index]
+            return lambda sides: lambda z: functools.reduce(lambda s, step: step(block, s, list(sides)), steps, z)
 
         if not training:
             out = x
             for index, block in enumerate(plan.blocks):
-                out = self.form.step(index, out, block_map(index), False, block.path)
+                out = self.form.step(index, out, rebind(index)(block_sides[index]), False, block.path)
             return out
-        frame = self._frame = self._new_frame(x, self.container)
+        frame = self._new_frame(x, self.container)
         z = x
         for index, block in enumerate(plan.blocks):
-            named = list(enumerate(block_sides[index]))
             state = None
             if frame.reversible:
-                state = record_step(self.blocks[index], block.path, named, lambda i, b=block: b.side_inputs[i].name)
-            z = frame.step(index, block.path, block_map(index), False, state, any(s.random for s in block.steps),
-                           grad_inputs_of(self.blocks[index], named))
-        self._frame = None
+                state = record_step(self.blocks[index], block.path, list(enumerate(block_sides[index])),
+                                    lambda i, b=block: b.side_inputs[i].name)
+            z = frame.step(index, block.path, rebind(index), block_sides[index],
+                           [p for p in self.blocks[index].parameters() if p.requires_grad], False, state,
+                           any(s.random for s in block.steps))
         joined = frame.finish()
         return z if joined is None else joined
 

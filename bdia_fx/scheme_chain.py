@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,29 +40,44 @@ from bdia_fx.errors import FixedPointRangeError, ReversibilityError
 from bdia_fx.frame import recomputing
 from bdia_fx.guards import StepState
 from bdia_fx.scheme_form import BlockMap, SchemeForm, block_field, chain_shears
-from bdia_fx.schemes import Field, Scheme, apply_shear, read, undo_shear
+from bdia_fx.schemes import Scheme, apply_shear, read, undo_shear
+
+Rebind = Callable[[Sequence[torch.Tensor]], BlockMap]
+"""A block as a map of the stream, given its call's tensor side inputs (in the order of the call's leaves)."""
 
 
 def block_map_of(block: nn.Module, original: type, call: BlockCall, slots: StreamSlots, where: str
-                 ) -> tuple[BlockMap, Callable[[], Callable[[torch.Tensor], Any]]]:
-    """Block ``block`` (run with its ``original`` class's forward) as a map of the stream, and a function
-    giving the output structure of its first call (to put the chain's stream into); later calls
-    (the walk down's) keep no block output alive."""
+                 ) -> tuple[Rebind, list[torch.Tensor], Callable[[], Callable[[torch.Tensor], Any]]]:
+    """Block ``block`` (run with its ``original`` class's forward) as a map of the stream, with its side
+    inputs bound at call time (the walk down binds fresh leaves, the frame keeps none); the call's
+    tensor side inputs; and a function giving the output structure of the first call (to put the
+    chain's stream into; later calls keep no block output alive)."""
+    positions = [i for i, leaf in enumerate(call.leaves) if isinstance(leaf, torch.Tensor)]
+    sides = [call.leaves[i] for i in positions]
+    skeleton = [None if i in positions else leaf for i, leaf in enumerate(call.leaves)]
+    spec, stream_index = call.spec, call.stream_index  # not ``call``: its leaves hold the side inputs
     rebuilds: list[Callable[[torch.Tensor], Any]] = []
 
-    def block_map(z: torch.Tensor) -> torch.Tensor:
-        f_args, f_kwargs = call.with_stream(z)
-        out, rebuild = split_output(original.forward(block, *f_args, **f_kwargs), slots, where)
-        if not rebuilds:
-            rebuilds.append(rebuild)
-        return out
+    def rebind(tensors: Sequence[torch.Tensor]) -> BlockMap:
+        leaves = list(skeleton)
+        for i, t in zip(positions, tensors):
+            leaves[i] = t
+        bound = BlockCall(leaves, spec, stream_index)
+
+        def block_map(z: torch.Tensor) -> torch.Tensor:
+            f_args, f_kwargs = bound.with_stream(z)
+            out, rebuild = split_output(original.forward(block, *f_args, **f_kwargs), slots, where)
+            if not rebuilds:
+                rebuilds.append(rebuild)
+            return out
+        return block_map
 
     def first_rebuild() -> Callable[[torch.Tensor], Any]:
         rebuild = rebuilds[0]
         rebuilds[0] = _unchanged
         return rebuild
 
-    return block_map, first_rebuild
+    return rebind, sides, first_rebuild
 
 
 def _unchanged(x: torch.Tensor) -> torch.Tensor:
@@ -72,9 +88,23 @@ def scheme_block_forward(form: SchemeForm, block: nn.Module, original: type, arg
                          index: int, where: str, slots: StreamSlots, branch: bool) -> Any:
     """A block call of a scheme chain's inference form (eval mode, and the reverted model's proxies)."""
     x, call = split_call(args, kwargs, slots, where)
-    block_map, first_rebuild = block_map_of(block, original, call, slots, where)
-    z = form.step(index, x, block_map, branch, where)
+    rebind, sides, first_rebuild = block_map_of(block, original, call, slots, where)
+    z = form.step(index, x, rebind(sides), branch, where)
     return first_rebuild()(z)
+
+
+@dataclass
+class _BlockRecord:
+    """What the walk down needs of one block: no activation, no side input (those are saved tensors)."""
+
+    path: str
+    rebind: Rebind
+    branch: bool
+    state: StepState | None
+    random_states: list[tuple] | None  # before each shear, for a block with dropout
+    sides: list[int]   # positions in the frame's side inputs
+    params: list[int]  # positions in the frame's parameters
+    checksum: torch.Tensor | None  # of z_k's codes (verify)
 
 
 class SchemeFrame:
@@ -82,136 +112,152 @@ class SchemeFrame:
 
     def __init__(self, container: str, scheme: Scheme, frac_bits: int, reversible: bool, verify: bool,
                  x_in: torch.Tensor, blocks: int):
-        self.container, self.scheme, self.frac_bits = container, scheme, frac_bits
-        self.reversible, self.verify, self.blocks = reversible, verify, blocks
+        self.container, self.scheme, self.frac_bits, self.blocks = container, scheme, frac_bits, blocks
+        self.reversible = reversible and torch.is_grad_enabled()  # no backward can follow otherwise
+        self.verify = verify and self.reversible
         self.dtype = x_in.dtype
-        self.x_in = x_in
+        self.x_in: torch.Tensor | None = x_in  # until the last block joins the chain to the graph
         code0, _ = fp.to_codes(x_in.detach(), frac_bits, torch.int64)
         self.codes = [code0] + [torch.zeros_like(code0) for _ in scheme.parts[1:]]
         self.values: list[torch.Tensor] | None = None
-        if not reversible:  # x_0 = Q[x_in] with the straight-through gradient
+        if not self.reversible:  # x_0 = Q[x_in] with the straight-through gradient
             self.values = [x_in + (read(code0, frac_bits, self.dtype) - x_in).detach()] + \
                 [torch.zeros_like(x_in) for _ in scheme.parts[1:]]
-        self.paths: list[str] = []
-        self.fields: list[Field] = []
-        self.states: list[StepState | None] = []
-        self.rng: list[list[tuple] | None] = []
-        self.checksums: list[torch.Tensor] = []
+        self.records: list[_BlockRecord] = []
         self.checks: list[torch.Tensor] = []
-        self.inputs: dict[int, torch.Tensor] = {}  # what gradients flow to, besides x_in: side inputs, parameters
+        self.side_inputs: list[torch.Tensor] = []  # handed to the backward Function as saved tensors
+        self.params: list[torch.Tensor] = []
+        self._positions: dict[int, int] = {}  # id -> position, sides and parameters (each list its own)
         self.autocast = _autocast_state(x_in.device.type)
         # the runtime's order checks read these (see ChainRuntime._accept / _accept_parent_add)
         self.next_block, self.out, self.out_version, self.branch_io = 0, x_in, None, None
 
-    def step(self, k: int, path: str, block_map: BlockMap, branch: bool, state: StepState | None, random: bool,
-             grad_inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _place(self, tensors: Sequence[torch.Tensor], into: list[torch.Tensor]) -> list[int]:
+        positions = []
+        for t in tensors:
+            if id(t) not in self._positions:
+                self._positions[id(t)] = len(into)
+                into.append(t)
+            positions.append(self._positions[id(t)])
+        return positions
+
+    def step(self, k: int, path: str, rebind: Rebind, sides: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+             branch: bool, state: StepState | None, random: bool) -> torch.Tensor:
         """Run block k's step forward; the new stream value (with autograd only in stored mode)."""
-        field = block_field(block_map, branch)
-        self.paths.append(path)
-        self.fields.append(field)
-        self.states.append(state)
-        for t in grad_inputs:
-            self.inputs.setdefault(id(t), t)
-        if self.verify and self.reversible:
-            self.checksums.append(fp.checksum(self.codes[0]))
-        states: list[tuple] | None = [] if random and self.reversible else None
+        field = block_field(rebind(sides), branch)
+        record = _BlockRecord(path, rebind, branch, state, [] if random and self.reversible else None,
+                              self._place(sides, self.side_inputs), self._place(params, self.params),
+                              fp.checksum(self.codes[0]) if self.verify else None)
+        self.records.append(record)
         with torch.no_grad() if self.reversible else contextlib.nullcontext():
             for shear in chain_shears(self.scheme, field, k):
-                if states is not None:
-                    states.append(_random_state(self.codes[0]))
+                if record.random_states is not None:
+                    record.random_states.append(_random_state(self.codes[0]))
                 self.codes, self.values, check = apply_shear(shear, self.codes, self.frac_bits, self.dtype,
                                                              self.values)
                 self.checks.append(check)
-        self.rng.append(states)
         return read(self.codes[0], self.frac_bits, self.dtype) if self.values is None else self.values[0]
 
     def finish(self) -> torch.Tensor | None:
         """After the last block: raise for the first block that left the int64 range (one host read);
         in reversible mode, the output joined to the autograd graph (None in stored mode)."""
-        per_shear = [len(chain_shears(self.scheme, lambda t, z: z, k)) for k in range(self.blocks)]
+        x_in, self.x_in, self.out, self.branch_io = self.x_in, None, None, None
         magnitudes = torch.stack(self.checks).tolist()
+        self.checks = []
         start = 0
-        for path, count in zip(self.paths, per_shear):
+        for k, record in enumerate(self.records):
+            count = len(chain_shears(self.scheme, _no_field, k))
             worst = magnitudes[start:start + count]
             start += count
             if not all(map(math.isfinite, worst)):
                 raise FixedPointRangeError(f"the stream of scheme chain '{self.container}' became non-finite "
-                                           "at this block (NaN or inf in the block's output)", module=path)
+                                           "at this block (NaN or inf in the block's output)", module=record.path)
             if max(worst) >= fp.WIDE_CODE_LIMIT:
                 raise FixedPointRangeError(
                     f"fixed-point overflow in scheme chain '{self.container}': |value| reached "
                     f"{max(worst) / 2.0 ** self.frac_bits:.6g}, beyond the int64 codes' exact range "
-                    f"2^{60 - self.frac_bits} at frac_bits={self.frac_bits}", module=path)
-        self.checks = []
+                    f"2^{60 - self.frac_bits} at frac_bits={self.frac_bits}", module=record.path)
         if not self.reversible:
             return None
-        inputs = list(self.inputs.values())
-        return _SchemeChainBackward.apply(self, self.x_in, *inputs)
+        return _SchemeChainBackward.apply(self, x_in, *self.side_inputs, *self.params)
 
     # ---------------------------------------------------------------- backward
-    def walk_down(self, codes: list[torch.Tensor], grad_out: torch.Tensor, inputs: list[torch.Tensor]
-                  ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """Undo every block's shears from the top ``codes``: the gradient w.r.t. x_in and ``inputs``."""
+    def check_guards(self) -> None:
+        """What the recompute reads is as the forward saw it (top block first), before the saved tensors
+        are unpacked (whose own version check would raise first, without naming the block)."""
+        for record in reversed(self.records):
+            if record.state is not None:
+                record.state.check()
+
+    def walk_down(self, codes: list[torch.Tensor], sides: Sequence[torch.Tensor], grad_out: torch.Tensor
+                  ) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor | None]]:
+        """Undo every block's shears from the top ``codes``: gradients w.r.t. x_in, the side inputs and the
+        parameters. Each block's increments are recomputed from fresh leaves of its side inputs, so a side
+        input computed from parameters gets its gradient once, through the autograd graph around the chain."""
         bits, dtype = self.frac_bits, self.dtype
         grads = [grad_out] + [torch.zeros_like(grad_out) for _ in self.scheme.parts[1:]]
-        totals: list[torch.Tensor | None] = [None] * len(inputs)
+        side_grads: list[torch.Tensor | None] = [None] * len(sides)
+        param_grads: list[torch.Tensor | None] = [None] * len(self.params)
         mismatched: list[tuple[str, torch.Tensor]] = []
-        for k in range(self.blocks - 1, -1, -1):
-            state, path = self.states[k], self.paths[k]
-            if state is not None:
-                state.check()
-            shears = chain_shears(self.scheme, self.fields[k], k)
-            states = self.rng[k]
-            with state.replay() if state is not None else contextlib.nullcontext(), \
+        for k in range(len(self.records) - 1, -1, -1):
+            record = self.records[k]
+            fresh = {i: sides[i].detach().requires_grad_() for i in dict.fromkeys(record.sides)
+                     if sides[i].requires_grad}
+            field = block_field(record.rebind([fresh.get(i, sides[i]) for i in record.sides]), record.branch)
+            targets = [(param_grads, i) for i in record.params] + [(side_grads, i) for i in fresh]
+            inputs = [self.params[i] for i in record.params] + list(fresh.values())
+            shears = chain_shears(self.scheme, field, k)
+            with record.state.replay() if record.state is not None else contextlib.nullcontext(), \
                     _autocast(self.autocast), recomputing():
                 for j in range(len(shears) - 1, -1, -1):
-                    with _replaying(states[j] if states is not None else None):
+                    with _replaying(record.random_states[j] if record.random_states is not None else None):
                         codes, grads, pg = undo_shear(shears[j], codes, grads, bits, dtype, inputs)
-                    for i, g in enumerate(pg):
+                    for (totals, i), g in zip(targets, pg):
                         if g is not None:
                             totals[i] = g if totals[i] is None else totals[i] + g
-            if self.verify:
-                mismatched.append((path, (fp.checksum(codes[0]) != self.checksums[k]).any()))
-        extra = [c.abs().amax() for c in codes[1:] if c.numel()]
-        flags = torch.stack([m for _, m in mismatched] + [torch.stack(extra).amax() > 0 if extra else
-                                                           torch.zeros((), dtype=torch.bool)]).tolist()
+            if record.checksum is not None:
+                mismatched.append((record.path, (fp.checksum(codes[0]) != record.checksum).any()))
+        extra = [c.abs().amax() > 0 for c in codes[1:] if c.numel()]
+        flags = torch.stack([m for _, m in mismatched] + extra + [torch.zeros((), dtype=torch.bool)]).tolist()
         for (path, _), bad in zip(mismatched, flags):
             if bad:
                 raise ReversibilityError(
                     f"the backward of scheme chain '{self.container}' did not rebuild this block's input bit for "
                     "bit: the block gave other numbers in backward than in forward (randomness outside torch's "
                     "generators, or state changed through .data)", module=path)
-        if flags[-1]:
+        if any(flags[len(mismatched):]):
             raise ReversibilityError(f"the backward of scheme chain '{self.container}' did not return the scheme's "
                                      "extra parts to zero: the blocks gave other numbers in backward than in "
-                                     "forward", module=self.paths[0])
-        return grads[0], totals
+                                     "forward", module=self.records[0].path)
+        return grads[0], side_grads, param_grads
+
+
+def _no_field(t: float, z: torch.Tensor) -> torch.Tensor:
+    return z
 
 
 class _SchemeChainBackward(torch.autograd.Function):
-    """The last block's output of a reversible scheme chain; backward walks the chain down."""
+    """The last block's output of a reversible scheme chain; backward walks the chain down.
+
+    Saved tensors: the top codes of every part and the chain's side inputs (freed by autograd after
+    backward unless the graph is retained; a retained graph walks down again)."""
 
     @staticmethod
     def forward(ctx, frame: SchemeFrame, x_in: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
-        ctx.frame = frame
-        ctx.save_for_backward(*frame.codes)  # the top codes of every part: all the walk down starts from
+        ctx.frame, ctx.parts = frame, len(frame.codes)
+        ctx.save_for_backward(*frame.codes, *frame.side_inputs)
         out = read(frame.codes[0], frame.frac_bits, frame.dtype)
-        frame.codes = []
+        frame.codes, frame.side_inputs = [], []
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        frame = ctx.frame  # the walk down leaves the frame's codes as they are: a retained graph runs again
-        inputs = list(frame.inputs.values())
-        grad_x, totals = frame.walk_down(list(ctx.saved_tensors), grad, inputs)
-        return (None, grad_x, *totals)
-
-
-def grad_inputs_of(block: nn.Module, sides: Sequence[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
-    """What gradients of a block's step flow to besides its stream: its parameters and side inputs that need them."""
-    params = [p for p in block.parameters() if p.requires_grad]
-    return params + [t for _, t in sides if t.requires_grad]
+        frame = ctx.frame
+        frame.check_guards()
+        saved = ctx.saved_tensors
+        grad_x, side_grads, param_grads = frame.walk_down(list(saved[:ctx.parts]), saved[ctx.parts:], grad)
+        return (None, grad_x, *side_grads, *param_grads)
 
 
 # ---------------------------------------------------------------- random and autocast state

@@ -52,8 +52,7 @@ class SchemeForm:
             if self.quantize:
                 parts = [fp.codes_unchecked(p, self.frac_bits) for p in parts]
         else:
-            # a branch's stream is the parent's sum, not our output: its order is what is checked
-            if self._parts is None or self._next != k or (not branch and x is not self._out):
+            if self._parts is None or self._next != k or not self._handed_over(x, branch):
                 raise ConversionError(
                     f"block {k} of scheme chain '{self.container}' did not get block {k - 1}'s output: a scheme "
                     "chain carries state between its blocks, so they must run in order, each once per call, with "
@@ -68,5 +67,18 @@ class SchemeForm:
         else:
             parts = float_shears(chain_shears(self.scheme, field, k), parts)
             z = parts[0]
-        self._parts, self._out, self._next = (None, None, 0) if k == self.blocks - 1 else (parts, z, k + 1)
-        return z - x if branch else z
+        returned = z - x if branch else z
+        self._parts, self._out, self._next = (None, None, 0) if k == self.blocks - 1 else \
+            (parts, (returned, x) if branch else z, k + 1)
+        return returned
+
+    def _handed_over(self, x: torch.Tensor, branch: bool) -> bool:
+        """The stream block k got is block k−1's output: the object itself, or for a branch module the
+        parent's add of what it returned and its input (by value; not checked while being compiled or
+        exported, where values are symbolic)."""
+        if not branch:
+            return x is self._out
+        if torch.compiler.is_compiling():
+            return True
+        returned, passed = self._out
+        return x.shape == passed.shape and torch.equal(x, returned + passed)

@@ -365,10 +365,14 @@ class BDIAScheme:
         return fp.bdia_inverse(above, update, sign, fp.unpack_side_bits(side, update.shape))
 
     @staticmethod
-    def gradients(grad: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Straight-through gradients of g = ∂L/∂x_{k+1} w.r.t. f_k, x_k and x_{k−1}."""
-        grad_f, grad_x = fp.update_grads(grad, gamma)
-        return grad_f, grad_x, fp.half_term_grad(grad, gamma)
+    def update_gradients(grad: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Straight-through gradients of g = ∂L/∂x_{k+1} w.r.t. f_k and x_k (through Q[v_k])."""
+        return fp.update_grads(grad, gamma)
+
+    @staticmethod
+    def below_gradient(grad: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        """Straight-through gradient of g = ∂L/∂x_{k+1} w.r.t. x_{k−1} (through Q[γx_{k−1}])."""
+        return fp.half_term_grad(grad, gamma)
 
     @staticmethod
     def inference(f: torch.Tensor, frac_bits: int) -> torch.Tensor:

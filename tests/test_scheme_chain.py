@@ -7,6 +7,9 @@ exports; the original model, which the scheme's inference form must *differ* fro
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -46,6 +49,62 @@ def test_reversible_gradients_equal_the_stored_run(case, scheme):
     (loss_s, g_s), (loss_r, g_r) = results["stored"], results["reversible"]
     assert torch.equal(loss_s, loss_r)  # the same forward numbers exactly
     assert_close(g_r, g_s)
+
+
+class _ScaledBlock(ResidualMLP):
+    def forward(self, x, scale):
+        return x + self.lin(self.ln(x)) * scale
+
+
+class _SharedScale(Stack):
+    """Every block reads a side input computed from block 0's parameter (a T5-style shared value)."""
+
+    def forward(self, x, scale=None):
+        scale = torch.sigmoid(self.layers[0].lin.bias).view(1, 1, -1) if scale is None else scale
+        for layer in self.layers:
+            x = layer(x, scale)
+        return x
+
+
+def test_a_side_input_computed_from_a_parameter_gets_its_gradient_once():
+    x = torch.randn(2, 4, 8)
+    results = {}
+    for mode in ("stored", "reversible"):
+        torch.manual_seed(0)
+        conv = bdia_fx.convert(_SharedScale([_ScaledBlock() for _ in range(3)]), (x,),
+                               config=BDIAConfig(scheme="alf", mode=mode))
+        results[mode] = grads(conv, (x,), {}, seed=1)
+    assert torch.equal(results["stored"][0], results["reversible"][0])
+    assert_close(results["reversible"][1], results["stored"][1])
+
+
+def test_under_autocast_gradients_equal_stored_to_bfloat16_rounding():
+    """The forward numbers are the same; the stored run sums block 0's two uses of an autocast weight
+    cast in bfloat16 where the walk down sums them in float32, so gradients agree to bf16 rounding."""
+    x = torch.randn(3, 8, 8)
+    results = {}
+    for mode in ("stored", "reversible"):
+        torch.manual_seed(0)
+        conv = bdia_fx.convert(ParentLoopViT(), (x,), config=BDIAConfig(scheme="alf", mode=mode)).train()
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = conv(x).float().pow(2).mean()
+        results[mode] = loss.detach(), torch.autograd.grad(loss, list(conv.parameters()))
+    assert torch.equal(results["stored"][0], results["reversible"][0])
+    for got, want in zip(results["reversible"][1], results["stored"][1]):
+        assert (got - want).abs().max() <= 2e-2 * want.abs().max() + 1e-6
+
+
+def test_after_backward_the_graph_keeps_no_side_input_alive():
+    x = torch.randn(2, 4, 8, requires_grad=True)
+    conv = bdia_fx.convert(_SharedScale([_ScaledBlock() for _ in range(3)]), (x,), config=BDIAConfig(scheme="alf"))
+    scale = torch.rand(1, 1, 8, requires_grad=True) * 2
+    loss = conv(x, scale).sum()
+    loss.backward()
+    kept = weakref.ref(scale)
+    del scale
+    gc.collect()
+    assert kept() is None and loss.grad_fn is not None
 
 
 def _alf_by_hand(blocks, x):
@@ -176,6 +235,15 @@ def test_blocks_out_of_order_in_eval_are_refused():
     conv = bdia_fx.convert(Skipping(), (x,), config=BDIAConfig(scheme="alf")).eval()
     with pytest.raises(bdia_fx.ConversionError, match="did not get block 1's output"):
         conv(x, skip=True)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_parent_loop_that_changes_the_stream_is_refused_in_training_and_eval(training):
+    x = torch.randn(3, 8, 8)
+    conv = bdia_fx.convert(ParentLoopViT(), (x,), config=BDIAConfig(scheme="alf")).train(training)
+    conv.scale_skip = 0.5  # the parent now adds 0.5·x: not the chain's stream any more
+    with pytest.raises(bdia_fx.ConversionError, match="block 1"):
+        conv(x)
 
 
 def test_loss_of_a_trained_scheme_chain_falls():
