@@ -244,22 +244,19 @@ def install_gamma0_proxy(block: nn.Module, index: int, frac_bits: int, path: str
                          branch: bool = False) -> None:
     """Make ``block`` step k = ``index`` of the quantized γ = 0 chain (``slots``: where its stream is;
     ``branch``: the block computes h(x) only and the parent adds the stream)."""
-    block.__class__ = proxy_class(original_class(block), "gamma0")
-    block._bdia_index = index
-    block._bdia_frac_bits = frac_bits
-    block._bdia_path = path
-    block._bdia_slots = slots
-    block._bdia_branch = branch
+    _install(block, "gamma0", index=index, frac_bits=frac_bits, path=path, slots=slots, branch=branch)
 
 
 def install_scheme_proxy(block: nn.Module, index: int, form: Any, path: str, slots: Any, branch: bool) -> None:
     """Make ``block`` step k = ``index`` of the scheme chain inference ``form`` (shared by the chain's blocks)."""
-    block.__class__ = proxy_class(original_class(block), "scheme")
-    block._bdia_index = index
-    block._bdia_form = form
-    block._bdia_path = path
-    block._bdia_slots = slots
-    block._bdia_branch = branch
+    _install(block, "scheme", index=index, form=form, path=path, slots=slots, branch=branch)
+
+
+def _install(block: nn.Module, kind: str, **attributes: Any) -> None:
+    """Make ``block`` a ``kind`` proxy holding ``attributes`` as ``_bdia_<name>``."""
+    block.__class__ = proxy_class(original_class(block), kind)
+    for name, value in attributes.items():
+        block.__dict__[f"_bdia_{name}"] = value
 
 
 def remove_proxy(block: nn.Module) -> None:

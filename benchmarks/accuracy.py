@@ -409,7 +409,11 @@ def write_outputs(results: dict, out: Path) -> str:
 def rebuild(sources: list[Path], target: Path, out: Path) -> str:
     """Summaries, plots, table.md and JSON recomputed from the runs the results JSONs hold."""
     loaded = [json.loads(source.read_text()) for source in sources]
-    saved = {"commands": [entry.get("command") for entry in loaded], "draws": [entry["draws"] for entry in loaded],
+    def flat(value: object) -> list:  # a merged file holds lists already
+        return value if isinstance(value, list) else [value]
+
+    saved = {"commands": [c for entry in loaded for c in flat(entry.get("commands", entry.get("command")))],
+             "draws": [d for entry in loaded for d in flat(entry["draws"])],
              "cells": {name: cell for entry in loaded for name, cell in entry["cells"].items()}}
     for name, entry in saved["cells"].items():
         cell = Cell(**{**entry["cell"], "bits": tuple(entry["cell"]["bits"])})
