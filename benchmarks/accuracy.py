@@ -70,17 +70,25 @@ class Cell:
     dropout: float = 0.1
     bits: tuple[int, ...] = (9,)
     seeds: int = 8
+    schemes: tuple[str, ...] = ()  # shear schemes (BDIAConfig(scheme=...)) trained beside BDIA
+
+    def configs(self) -> dict[str, bdia_fx.BDIAConfig | None]:
+        """``plain`` (None), one BDIA variant per ``bits`` entry (``bdia`` is the default 9 bits) and one
+        per shear scheme (``scheme-<name>``, 9 bits)."""
+        return {"plain": None,
+                **{"bdia" if b == 9 else f"bdia-b{b}": bdia_fx.BDIAConfig(frac_bits=b) for b in self.bits},
+                **{f"scheme-{name}": bdia_fx.BDIAConfig(scheme=name) for name in self.schemes}}
 
     def variants(self) -> list[str]:
-        """``plain`` and one BDIA variant per ``bits`` entry (``bdia`` is the default 9 bits)."""
-        return ["plain"] + ["bdia" if b == 9 else f"bdia-b{b}" for b in self.bits]
+        return list(self.configs())
 
     def setting(self) -> str:
         unit = "epochs" if self.task == "digits" else "steps"
         extra = "" if self.dropout == 0.1 else f", dropout {self.dropout}"
         bits = "" if self.bits == (9,) else f", frac_bits {'/'.join(map(str, self.bits))}"
+        schemes = "" if not self.schemes else f", schemes {'/'.join(self.schemes)}"
         return (f"K={self.layers}, {100 * self.fraction:.0f} % data, {self.length} {unit}, lr {self.lr:g}"
-                + extra + bits)
+                + extra + bits + schemes)
 
 
 CHAR_LM = {"task": "char-lm", "length": 300, "lr": 3e-3, "seeds": 4}
@@ -96,10 +104,11 @@ CELLS: dict[str, Cell] = {
     "lr3e-4": Cell("digits", "learning rate", lr=3e-4),
     "bits": Cell("digits", "fixed-point bits", bits=(9, 12, 16), seeds=4),
     "nodrop": Cell("digits", "dropout off", dropout=0.0, seeds=4),
+    "schemes": Cell("digits", "integrator scheme (issue 16)", schemes=("alf",), seeds=4),
     "lm-K4": Cell(axis="depth", layers=4, **CHAR_LM),
     "lm-K8": Cell(axis="depth", layers=8, **CHAR_LM),
 }
-QUICK = {"K6": Cell("digits", "smoke", layers=2, length=2, seeds=2, bits=(9, 16)),
+QUICK = {"K6": Cell("digits", "smoke", layers=2, length=2, seeds=2, bits=(9, 16), schemes=("alf",)),
          "lm-K4": Cell(axis="smoke", task="char-lm", layers=2, length=20, lr=3e-3, seeds=2)}
 
 
@@ -183,9 +192,9 @@ def run_digits_seed(cell: Cell, seed: int, data: tuple, draws: int, progress: tq
     torch.manual_seed(seed)
     initial = build_vit(cell.layers, 64, dropout=cell.dropout)
     example = (x_train[:32],)
-    variants = {name: partial(make_variant, "plain" if name == "plain" else "bdia", example_args=example,
-                              config=bdia_fx.BDIAConfig(frac_bits=bits))
-                for name, bits in zip(cell.variants(), (9,) + cell.bits)}
+    variants = {name: partial(make_variant, "plain" if config is None else "bdia", example_args=example,
+                              config=config)
+                for name, config in cell.configs().items()}
     runs = train_variants(initial, variants, epoch_batches(len(y_train), 32, cell.length, seed),
                           image_loss(x_train, y_train),
                           lambda model: image_metrics(model, x_train, y_train, x_val, y_val),
@@ -230,9 +239,9 @@ def run_lm_seed(cell: Cell, seed: int, data: tuple, draws: int, progress: tqdm, 
     steps = batches(train, cell.length, 16, 64, torch.Generator().manual_seed(seed))
     rounds = [steps[i: i + eval_every] for i in range(0, len(steps), eval_every)]
     example = ((steps[0],), {"labels": steps[0], "use_cache": False})
-    variants = {name: partial(make_variant, "plain" if name == "plain" else "bdia", example_args=example[0],
-                              example_kwargs=example[1], config=bdia_fx.BDIAConfig(frac_bits=bits))
-                for name, bits in zip(cell.variants(), (9,) + cell.bits)}
+    variants = {name: partial(make_variant, "plain" if config is None else "bdia", example_args=example[0],
+                              example_kwargs=example[1], config=config)
+                for name, config in cell.configs().items()}
     runs = train_variants(initial, variants, rounds, lm_loss, lambda model: {"val": lm_val_loss(model, val_batches)},
                           one_cycle(cell.lr, 0.01), noise_seed=seed + 1000, progress=progress)
     for name, run in runs.items():
@@ -416,7 +425,8 @@ def rebuild(sources: list[Path], target: Path, out: Path) -> str:
              "draws": [d for entry in loaded for d in flat(entry["draws"])],
              "cells": {name: cell for entry in loaded for name, cell in entry["cells"].items()}}
     for name, entry in saved["cells"].items():
-        cell = Cell(**{**entry["cell"], "bits": tuple(entry["cell"]["bits"])})
+        cell = Cell(**{**entry["cell"], "bits": tuple(entry["cell"]["bits"]),
+                       "schemes": tuple(entry["cell"].get("schemes", ()))})
         entry["summary"] = summarise(cell, entry["runs"])
         entry["plots"] = [str(p) for p in plot_cell(name, cell, entry["runs"], out)]
     write_json(saved, target)

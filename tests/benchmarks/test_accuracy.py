@@ -41,7 +41,7 @@ def test_quick_run_reports_every_cell_variant_and_mode(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     cells = json.loads(out.read_text())["cells"]
     assert set(cells) == {"K6", "lm-K4"}
-    assert set(cells["K6"]["summary"]) == {"bdia", "bdia-b16"}  # one row per frac_bits variant
+    assert set(cells["K6"]["summary"]) == {"bdia", "bdia-b16", "scheme-alf"}  # per frac_bits variant and scheme
     for name, cell in cells.items():
         for row in cell["summary"].values():
             assert len(row["final"]["plain"]) == len(row["final"]["bdia"]) == 2
