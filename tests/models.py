@@ -152,13 +152,15 @@ def t5(layers: int = 3, d: int = 32):
     return T5ForConditionalGeneration(cfg)
 
 
-def swin(depths: tuple[int, ...] = (2, 2)):
-    """A hierarchical vision transformer: stages of residual blocks joined by patch merging."""
+def swin(depths: tuple[int, ...] = (2, 2), attention: str = "sdpa"):
+    """A hierarchical vision transformer: stages of residual blocks joined by patch merging
+    (``attention="eager"``: the attention torch.onnx 2.13 can export; its SDPA path it cannot)."""
     from transformers import SwinConfig, SwinForImageClassification
 
     return SwinForImageClassification(SwinConfig(image_size=32, patch_size=4, num_channels=3, embed_dim=16,
                                                  depths=list(depths), num_heads=[2, 4, 8][:len(depths)],
-                                                 window_size=4, num_labels=5, drop_path_rate=0.1))
+                                                 window_size=4, num_labels=5, drop_path_rate=0.1,
+                                                 attn_implementation=attention))
 
 
 class PreAndPostLN(nn.Module):
