@@ -132,10 +132,10 @@ def test_the_inference_form_is_the_scheme_step_not_the_original_model():
         assert torch.equal(reverted(x), conv(x))
 
 
-@pytest.mark.parametrize("scheme", ["alf", "reversible_bosh3"])
+@pytest.mark.parametrize("scheme", ["alf", "alf4"])  # alf4: three field evaluations per block, composed
 def test_revert_graph_and_onnx_emit_the_scheme_form(tmp_path, scheme):
     torch.manual_seed(0)
-    model = TinyGPT(layers=3, dropout=0.0)
+    model = TinyGPT(layers=2, dropout=0.0)
     ids = torch.randint(0, 50, (2, 7))
     conv = bdia_fx.convert(model, (ids,), config=BDIAConfig(scheme=scheme, quantize_eval=False))
     train_out = conv(ids)  # captures the graph; dropout 0: the training forward is the quantized form
