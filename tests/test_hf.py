@@ -146,3 +146,20 @@ def test_lora_adapters_in_both_orders_train_with_stored_gradients(order):
         results[mode] = _loss_grads(model, ids)
     assert torch.equal(results["reversible"][0], results["stored"][0])
     assert_close(results["reversible"][1], results["stored"][1])
+
+
+@pytest.mark.parametrize("keyword", ["past_key_values", "cache"])
+def test_a_cache_passed_under_either_keyword_is_dropped_from_training_calls(keyword, caplog):
+    """transformers < 5.24 passes the cache as ``past_key_values``, 5.24 as ``cache`` (generate's prefill)."""
+    from transformers.cache_utils import DynamicCache
+
+    from bdia_fx import hf
+
+    model = DEFAULT_CONFIG_MODELS["gpt2"]()
+    warned: set[str] = set()
+    with caplog.at_level("WARNING", logger="bdia_fx"):
+        kwargs = hf.without_cache(model, {keyword: DynamicCache(), "use_cache": True, "attention_mask": None}, warned)
+        again = hf.without_cache(model, {"other_cache": DynamicCache()}, warned)
+    assert kwargs == {keyword: None, "use_cache": False, "attention_mask": None}
+    assert again == {"other_cache": None, "use_cache": False}  # any transformers Cache, whatever its name
+    assert len([r for r in caplog.records if "use_cache" in r.getMessage()]) == 1
