@@ -30,9 +30,10 @@ def test_one_file_matches_pytorch_at_two_batch_sizes_and_lengths(name, quantize,
     assert conv.training  # the user's model keeps its mode
     reference = bdia_fx.revert(conv, quantize=quantize)
     for batch, length in [(3, 12), (5, 5)]:
-        # A float-rounding tie can move one stream code by 2^-l (see verify_onnx); that moves the
-        # outputs of its token position (a row of logits): allow two positions' worth.
-        allowed = 2 / (batch * length) if quantize else 0.0
+        # A float-rounding tie can move one stream code by 2^-l (see verify_onnx); attention carries
+        # that to the other positions of its sample (all of them in an encoder: T5 at 5 x 5 moves 11 %
+        # of the outputs, all in sample 0), never to another sample: allow one sample's worth.
+        allowed = 1 / batch if quantize else 0.0
         check = bdia_fx.verify_onnx(result.path, reference, make_inputs(batch, length), kwargs, max_mismatch=allowed)
         assert check.total > 0 and check.max_abs_diff <= (1e-4 if not quantize else 1e-2)
 

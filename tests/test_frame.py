@@ -3,6 +3,7 @@ streams, calls without autograd, the meta device, higher-order gradients and ``i
 
 from __future__ import annotations
 
+import random
 import warnings
 
 import numpy as np
@@ -51,10 +52,31 @@ def test_randomness_checkpoint_does_not_replay_is_caught_by_default(kind):
 
 
 def test_the_checksum_is_an_explicit_opt_out():
+    """verify=False gives up exactly what the README says: the unreplayed randomness goes through
+    backward without an error, and the gradients it gives are not the stored ones."""
     model = Stack([PythonRandomBlock() for _ in range(3)])
-    x = torch.randn(4, 8, requires_grad=True)
-    rev = bdia_fx.convert(model, (x,), config=BDIAConfig(verify=False)).train()
-    rev(x).sum().backward()  # not detected: the README lists what verify=False gives up
+    x = torch.randn(4, 8)
+    results = {}
+    for name, config in (("stored", BDIAConfig(mode="stored", gammas=(0.5,))),
+                         ("unverified", BDIAConfig(verify=False, gammas=(0.5,)))):
+        conv = bdia_fx.convert(model, (x,), config=config)
+        random.seed(0)  # both forwards draw the same numbers; only the unverified recompute draws others
+        results[name] = grads(conv, (x,), {}, seed=0)
+    assert torch.equal(results["stored"][0], results["unverified"][0])
+    assert not all(torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+                   for a, b in zip(results["stored"][1], results["unverified"][1]))
+
+
+def test_an_edit_through_data_that_changes_a_block_output_is_caught_by_the_checksum():
+    """``.data`` edits bump no version counter (plain autograd misses them too); the default checksum of
+    the step's update codes names the block whose recompute they changed."""
+    model = Stack([ResidualMLP() for _ in range(3)])
+    x = torch.randn(4, 8)
+    conv = bdia_fx.convert(model, (x,)).train()
+    loss = conv(x).pow(2).mean()
+    conv.layers[1].lin.weight.data.mul_(1.5)
+    with pytest.raises(ReversibilityError, match=r"\[module 'layers\.1'\] backward recompute .*\.data"):
+        loss.backward()
 
 
 class _NaNAfter(ResidualMLP):
