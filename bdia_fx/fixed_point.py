@@ -158,29 +158,50 @@ def half_term_grad(grad: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- side bits and checksums
+_PACK = 0x0102040810204080
+"""Σ 2^(56−7i): times 8 bytes b_i ∈ {0, 1} read as one int64, it puts b_i at bit 56 + i and every other
+product term at its own bit position (8i − 7k = 8i' − 7k' has no other solution in 0..7), so no carry
+reaches the top byte: ``(v · _PACK) >> 56`` packs 8 bits in one multiply (the product wraps in int64)."""
+_SPREAD = 0x0002040810204081
+"""Σ 2^(7i): times a 7-bit value p, copies p at bit offsets 7i without overlap, so bit 8i is p's bit i."""
+_LOW_BITS = 0x0101010101010101
+
+
 def pack_side_bits(codes: torch.Tensor) -> torch.Tensor:
-    """The side bits ``s = code mod 2`` (non-negative, the low bit) packed 8 per byte, uint8
-    little-endian bit order (integer-to-uint8 conversion keeps the low byte, two's complement)."""
+    """The side bits ``s = code mod 2`` (non-negative, the low bit) packed 8 per byte, uint8, bit i of
+    byte j from element 8j + i (integer-to-uint8 conversion keeps the low byte, two's complement).
+    Eight bits are packed by one int64 multiply (:data:`_PACK`), not a reduction over bytes."""
     bits = codes.reshape(-1).to(torch.uint8).bitwise_and_(1)
     pad = (-bits.numel()) % 8
     if pad:
         bits = torch.cat([bits, bits.new_zeros(pad)])
-    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)  # made on the device: no host copy
-    return (bits.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
+    return bits.view(torch.int64).mul_(_PACK).bitwise_right_shift_(56).to(torch.uint8)
 
 
 def unpack_side_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Inverse of :func:`pack_side_bits`: a uint8 0/1 tensor of ``shape``."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    bits = (packed.unsqueeze(1) >> shifts).bitwise_and_(1)
-    return bits.reshape(-1)[:math.prod(shape)].view(shape)
+    """Inverse of :func:`pack_side_bits`: a uint8 0/1 tensor of ``shape`` (bits 0–6 of each byte spread
+    by one multiply, :data:`_SPREAD`; bit 7 shifted to the last byte)."""
+    p = packed.to(torch.int64)
+    spread = (p & 127).mul_(_SPREAD).bitwise_and_(_LOW_BITS).bitwise_or_((p >> 7) << 56)
+    return spread.view(torch.uint8)[:math.prod(shape)].view(shape)
 
 
 def checksum(codes: torch.Tensor) -> torch.Tensor:
-    """A cheap int64 fingerprint of a code tensor on its device: ``(Σc, Σc²)`` (c² wraps in int32).
+    """A cheap int64 fingerprint of a code tensor on its device: the sums of the codes and of their
+    squares (c² wraps in int32), each read as int64 pairs (one pass, no conversion copy).
 
-    A single changed code changes Σc; two changes that cancel in Σc almost always change Σc². A
-    permutation of the codes keeps both. Two reductions and one temporary, no host read.
+    A single changed code changes the first sum (by δ or δ·2^32, not 0 mod 2^64); two changes that
+    cancel in it almost always change the second. A permutation of the codes keeps both. No host read.
     """
     flat = codes.reshape(-1)
-    return torch.stack([flat.sum(dtype=torch.int64), (flat * flat).sum(dtype=torch.int64)])
+    return torch.stack([_wide_sum(flat), _wide_sum(flat * flat)])
+
+
+def _wide_sum(flat: torch.Tensor) -> torch.Tensor:
+    """Σ of an int32 vector read as int64 pairs (a zero appended to an odd length) mod 2^64: a function
+    of the values alone, whatever the storage offset (a copy only where a pair would be misaligned)."""
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    elif flat.storage_offset() % 2:
+        flat = flat.clone()
+    return flat.view(torch.int64).sum()

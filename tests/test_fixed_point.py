@@ -47,6 +47,30 @@ def test_side_bits_round_trip_in_one_bit_per_element(n, seed):
     assert torch.equal(fp.unpack_side_bits(packed, codes.shape).long(), torch.remainder(codes.long(), 2))
 
 
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(1, 100), seed=st.integers(0, 1000))
+def test_side_bits_pack_bit_i_of_byte_j_from_element_8j_plus_i(n, seed):
+    """The one-multiply packing against a bit-by-bit reference written in Python."""
+    codes = torch.randint(-(2**29), 2**29, (n,), generator=torch.Generator().manual_seed(seed), dtype=torch.int32)
+    bits = [c % 2 for c in codes.tolist()] + [0] * ((-n) % 8)
+    expected = [sum(bits[8 * j + i] << i for i in range(8)) for j in range(len(bits) // 8)]
+    assert fp.pack_side_bits(codes).tolist() == expected
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 1001])
+def test_checksum_sees_every_single_code_change(n, device):
+    codes = torch.randint(-(2**29), 2**29, (n,), generator=torch.Generator().manual_seed(n), dtype=torch.int32)
+    codes = codes.to(device)
+    reference = fp.checksum(codes)
+    for views in (codes, torch.cat([codes.new_zeros(1), codes])[1:]):  # aligned and odd storage offset
+        assert torch.equal(fp.checksum(views), reference)
+    for position in {0, n // 2, n - 1}:
+        for delta in (1, -1, 2**16, -(2**30)):
+            changed = codes.clone()
+            changed[position] += delta
+            assert not torch.equal(fp.checksum(changed), reference), (position, delta)
+
+
 def test_codes_match_quantize_and_round_trip():
     x = torch.randn(1000) * 10
     codes, stats = fp.to_codes(x, 9)
