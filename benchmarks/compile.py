@@ -4,9 +4,10 @@ One training step (forward, loss, backward) of an HF GPT-2 from a small config, 
 converted, each eager and under ``torch.compile``; times are medians of N steps after warm-up
 (compilation included in the warm-up), all four interleaved in one process, as ratios to eager
 plain. Graph breaks are dynamo's count for one compiled step; "same γ" checks that the compiled
-converted model gives eager's loss for the same seed (the chain runs eagerly behind a boundary).
+converted model gives eager's loss for the same seed (the chain runs eagerly behind a boundary; the
+loss is compared within 1e-5 relative, since inductor's fused head rounds differently, as for plain).
 
-    python benchmarks/compile.py [--layers 6] [--width 256] [--steps 10] [--json PATH]
+    python benchmarks/compile.py [--layers 6] [--width 256] [--steps 10] [--backend inductor] [--json PATH]
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: no code generation)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -53,8 +55,8 @@ def main() -> None:
     ids = torch.randint(0, 512, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     plain = build(args.layers, args.width).train()
     converted = bdia_fx.convert(build(args.layers, args.width), (ids,)).train()
-    models = {"plain eager": plain, "plain compiled": torch.compile(plain),
-              "bdia eager": converted, "bdia compiled": torch.compile(converted)}
+    models = {"plain eager": plain, "plain compiled": torch.compile(plain, backend=args.backend),
+              "bdia eager": converted, "bdia compiled": torch.compile(converted, backend=args.backend)}
     breaks = {}
     for name, model in models.items():  # warm-up: compiles
         counters.clear()
@@ -81,9 +83,12 @@ def main() -> None:
                "graph_breaks": breaks[name]}
         rows.append(row)
         print(f"{name:<16} {row['ms']:>8.1f} {row['vs_plain_eager']:>14.2f} {row['graph_breaks']:>13}")
-    same = losses["bdia eager"] == losses["bdia compiled"]
+    # inductor fuses the head's ops, which moves the loss by float roundings (plain models too); another
+    # γ draw would move it by far more than this tolerance
+    same = abs(losses["bdia eager"] - losses["bdia compiled"]) <= 1e-5 * abs(losses["bdia eager"])
     print(f"bdia compiled / eager: {median['bdia compiled'] / median['bdia eager']:.2f}; same γ as eager for the "
-          f"same seed: {'yes' if same else 'NO'} (loss {losses['bdia compiled']:.6f} vs {losses['bdia eager']:.6f})")
+          f"same seed: {'yes' if same else 'NO'} (loss {losses['bdia compiled']:.7f} vs {losses['bdia eager']:.7f}, "
+          "equal within 1e-5 relative)")
     if args.json:
         write_json({"config": vars(args), "rows": rows, "same_gamma": same}, args.json)
 

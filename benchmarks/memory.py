@@ -10,7 +10,7 @@ and to checkpoint-full (early stop off: every block recomputed whole, the recomp
 checkpoint-reentrant (the classic form, also a whole recompute) is measured beside them, and
 bdia-no-verify (``BDIAConfig(verify=False)``) prices the default per-step checksum.
 
-    python benchmarks/memory.py [--layers 4 8 12 24] [--steps 10] [--json results/memory.json]
+    python benchmarks/memory.py [--layers 4 8 12 24] [--steps 10] [--methods ...] [--json results/memory.json]
 """
 
 from __future__ import annotations
@@ -76,9 +76,9 @@ def measure_memory(method: str, layers: int) -> dict:
     return {"saved_bytes": saved, "peak_bytes": _vm_hwm() - base}
 
 
-def measure_times(layers: int, steps: int) -> dict[str, float]:
-    built = {m: build(m, layers) for m in METHODS}
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
+def measure_times(layers: int, steps: int, methods: tuple[str, ...] = METHODS) -> dict[str, float]:
+    built = {m: build(m, layers) for m in methods}
+    times: dict[str, list[float]] = {m: [] for m in methods}
     for i in range(steps + 2):
         for method, (model, x) in built.items():
             start = time.perf_counter()
@@ -100,6 +100,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 12, 24])
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                        help="a subset (plain and checkpoint are always measured: the ratios need them)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "K"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -107,14 +109,15 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure_memory(args.one[0], int(args.one[1]))))
         return
+    methods = tuple(m for m in METHODS if m in {"plain", "checkpoint", "checkpoint-full", *args.methods})
     rows = []
     print(f"one training step, B={B} T={T} d={D} heads={HEADS} MLP 4d, fp32, {torch.get_num_threads()} threads")
     print(f"{'K':>3} {'method':<20} {'saved MiB':>10} {'peak MiB':>9} {'peak/plain':>10} {'time/plain':>10} "
           f"{'time/ckpt':>9} {'time/ckpt-full':>14}")
     for layers in args.layers:
-        times = measure_times(layers, args.steps)
-        mem = {m: memory_in_fresh_process(m, layers) for m in METHODS}
-        for m in METHODS:
+        times = measure_times(layers, args.steps, methods)
+        mem = {m: memory_in_fresh_process(m, layers) for m in methods}
+        for m in methods:
             row = {"K": layers, "method": m, **mem[m], "step_s": times[m],
                    "peak_vs_plain": mem[m]["peak_bytes"] / mem["plain"]["peak_bytes"],
                    "time_vs_plain": times[m] / times["plain"], "time_vs_checkpoint": times[m] / times["checkpoint"],

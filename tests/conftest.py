@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the machine's cores: one thread each
+    torch.set_num_threads(1)
 
 SLOW_FILES = {"test_examples.py", "test_readme.py", "test_bdia_inspect.py"}
 

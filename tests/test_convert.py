@@ -336,3 +336,14 @@ def test_residual_only_false_trains_post_ln_blocks_exactly(build, make_args):
     model.eval(), rev.eval()
     with torch.no_grad():
         assert torch.equal(loss_of(rev(*args)), loss_of(model(*args)))
+
+
+def test_is_converted_and_the_repr_says_how():
+    model = Stack([ResidualMLP() for _ in range(3)])
+    x = torch.randn(4, 8)
+    conv = bdia_fx.convert(model, (x,), config=BDIAConfig(frac_bits=10))
+    plain = bdia_fx.revert(conv)
+    assert bdia_fx.is_converted(conv) and not bdia_fx.is_converted(model) and not bdia_fx.is_converted(plain)
+    text = repr(conv)
+    assert "bdia_fx: converted (reversible, granularity=block, frac_bits=10" in text and "layers (3 blocks)" in text
+    assert "bdia_fx" not in repr(model) and "bdia_fx" not in repr(plain)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (or reuse) .venv and run the demo or the tests.
 #   bash tools/dev.sh demo   # examples/vit_digits.py --quick: plain vs BDIA ViT on digits, memory, plots, ONNX
-#   bash tools/dev.sh test   # the test suite
+#   bash tools/dev.sh test   # the test suite, in 2 pytest-xdist workers of one torch thread each (BDIA_TEST_WORKERS)
 # The torch==2.13.0 CPU wheel is installed first so pip never pulls a CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +26,6 @@ if ! command -v dot >/dev/null 2>&1; then
 fi
 case "${1:-test}" in
   demo) shift; exec .venv/bin/python examples/vit_digits.py --quick "$@" ;;
-  test) shift; exec .venv/bin/python -m pytest -q "$@" ;;
+  test) shift; exec .venv/bin/python -m pytest -q -n "${BDIA_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
   *) echo "usage: bash tools/dev.sh demo|test [args...]" >&2; exit 2 ;;
 esac

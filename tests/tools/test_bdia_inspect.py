@@ -68,6 +68,7 @@ def test_memory_table_estimates_match_measurements(tmp_path):
     (["--torch", "transformer-encoder", "--post-ln"], "post-LN block"),
     (["--factory", "models:bert"], "give its input with --tokens or --shape"),
     (["--hf", "no-such-model"], "unknown HF model type"),
+    (["--hf", "gpt2", "--config", "n_layer=2,n_embd=128"], "divisible"),  # the underlying error, not swallowed
 ])
 def test_unconvertible_models_exit_non_zero_with_one_line(args, reason):
     done = _run(*args)

@@ -1,0 +1,100 @@
+"""The benchmark scripts and examples the README and docs show, each run end to end in a tiny
+configuration (the timing and the table are the scripts' job; here: they run, and what they
+print and write holds together). The last test checks that every such command has a run here
+or in another test file, so a new README command cannot go untested."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(script: str, *arguments: str, cwd: Path = ROOT) -> str:
+    done = subprocess.run([sys.executable, str(ROOT / script), *arguments], capture_output=True, text=True,
+                          timeout=600, cwd=cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_memory_table_orders_the_methods_as_measured(tmp_path):
+    out = tmp_path / "memory.json"
+    _run("benchmarks/memory.py", "--layers", "2", "--steps", "1", "--methods", "bdia", "--json", str(out))
+    rows = {row["method"]: row for row in json.loads(out.read_text())}
+    assert set(rows) == {"plain", "checkpoint", "checkpoint-full", "bdia"}
+    assert rows["bdia"]["saved_bytes"] < rows["checkpoint"]["saved_bytes"] * 1.1 < rows["plain"]["saved_bytes"]
+    assert rows["plain"]["time_vs_plain"] == 1.0 and rows["checkpoint"]["time_vs_checkpoint"] == 1.0
+
+
+def test_profile_step_groups_operators_by_kind(tmp_path):
+    out = tmp_path / "profile.json"
+    stdout = _run("benchmarks/profile_step.py", "--layers", "2", "--steps", "1", "--json", str(out))
+    assert "fixed point" in stdout and "autograd / recompute" in stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert any(r["kind"] == "fixed point" and r["calls_bdia"] > r["calls_base"] for r in rows)
+
+
+def test_compile_benchmark_counts_breaks_and_checks_gamma(tmp_path):
+    out = tmp_path / "compile.json"
+    _run("benchmarks/compile.py", "--layers", "2", "--width", "64", "--batch", "2", "--seq", "16", "--steps", "1",
+         "--backend", "aot_eager", "--json", str(out))
+    result = json.loads(out.read_text())
+    breaks = {row["method"]: row["graph_breaks"] for row in result["rows"]}
+    assert result["same_gamma"] and breaks["plain eager"] == 0 and 1 <= breaks["bdia compiled"] <= 4
+
+
+def test_hf_families_reports_converted_and_refused_families(tmp_path):
+    out = tmp_path / "families.json"
+    _run("benchmarks/hf_families.py", "--families", "bart", "opt", "--json", str(out))
+    rows = {(r["family"], r["granularity"]): r for r in json.loads(out.read_text())}
+    assert not rows["bart", "block"]["ok"] and "post-LN" in rows["bart", "block"]["error"]
+    for granularity, steps in (("block", 3), ("sublayer", 6)):
+        row = rows["opt", granularity]
+        assert row["ok"] and row["exact"] and row["grad_diff"] == 0.0
+        assert row["steps"] == {"model.decoder.layers": steps}
+
+
+def test_onnx_export_benchmark_checks_both_graphs(tmp_path):
+    out = tmp_path / "onnx.json"
+    _run("benchmarks/onnx_export.py", "--layers", "2", "--embd", "64", "--batch", "2", "--tokens", "16",
+         "--repeats", "1", "--json", str(out))
+    rows = {row["quantize"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {False, True}
+    assert rows[False]["max_abs_diff"] < 1e-4 and rows[False]["mismatched"] == 0
+    assert rows[True]["max_abs_diff"] <= max(rows[True]["quantization_effect"], 1e-4)
+
+
+def test_odeint_benchmark_compares_with_torchdiffeq(tmp_path):
+    pytest.importorskip("torchdiffeq")  # a test extra; the benchmark needs it
+    out = tmp_path / "odeint.json"
+    _run("benchmarks/odeint.py", "--repeats", "1", "--steps", "10", "20", "--json", str(out))
+    result = json.loads(out.read_text())
+    saved = {row["method"]: row for row in result["memory_by_steps"]}
+    reversible, stored = saved["bdia_fx alf4"], saved["bdia_fx alf4, stored"]
+    assert reversible["20"] - reversible["10"] == 10 * 8  # one float64 step size per step
+    assert stored["20"] > 1.9 * stored["10"]
+    assert all(row["grad_rel_error"] < 1e-5 for row in result["comparison"])
+
+
+def test_gpt2_demo_trains_and_measures_memory():
+    stdout = _run("examples/gpt2_demo.py", "--layers", "2", "--steps", "2", "--batch", "2", "--seq", "16")
+    assert "step 1: loss" in stdout and "x less" in stdout
+
+
+def _shown_commands() -> set[str]:
+    text = "".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+    return set(re.findall(r"python ((?:benchmarks|examples)/\w+\.py)", text))
+
+
+def test_every_script_the_readme_and_docs_show_is_run_by_a_test():
+    tests = "".join(p.read_text() for p in (ROOT / "tests").rglob("test_*.py"))
+    shown = _shown_commands()
+    assert "benchmarks/memory.py" in shown and "examples/vit_digits.py" in shown
+    missing = [script for script in sorted(shown) if Path(script).name not in tests]
+    assert not missing, f"README/docs commands no test runs: {missing}"
