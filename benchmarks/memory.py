@@ -5,12 +5,18 @@ chain state; peak RSS in a fresh process per configuration (MALLOC_MMAP_THRESHOL
 reset through /proc/self/clear_refs) over the baseline after warm-up steps, with the gradient
 buffers allocated and zeroed in place as in a training loop (so they are not counted as peak);
 step time as the median of N steps after 2 warm-ups, all methods interleaved in this one
-process, as ratios to plain, to checkpoint (torch's recommended non-reentrant form, early stop on)
-and to checkpoint-full (early stop off: every block recomputed whole, the recompute BDIA needs);
+process (round robin), and each time ratio as the median over rounds of the ratio of the two
+methods' steps in the same round, with its interquartile range (paired, so that the machine's
+drift cancels; the range shows what is left of the noise): ratios to plain, to checkpoint (torch's
+recommended non-reentrant form, early stop on) and to checkpoint-full (early stop off: every block
+recomputed whole, the recompute BDIA needs);
 checkpoint-reentrant (the classic form, also a whole recompute) is measured beside them, and
 bdia-no-verify (``BDIAConfig(verify=False)``) prices the default per-step checksum.
 
-    python benchmarks/memory.py [--layers 4 8 12 24] [--steps 10] [--methods ...] [--json results/memory.json]
+    python benchmarks/memory.py [--layers 4 8 12 24] [--width 256] [--steps 10] [--methods ...] [--json PATH]
+
+``--width`` sets d (heads = d / 64): the fixed-point and autograd work per block grows with d, the
+block's matmuls with d², so the time ratios at one width do not carry over to another.
 """
 
 from __future__ import annotations
@@ -31,14 +37,15 @@ from bdia_fx.memory import checkpoint_blocks, saved_activation_bytes
 from bdia_fx.report import write_json
 
 METHODS = ("plain", "checkpoint", "checkpoint-full", "checkpoint-reentrant", "bdia", "bdia-no-verify", "bdia-stored")
-B, T, D, HEADS = 8, 64, 256, 4
+B, T, D = 8, 64, 256
 
 
-def build(method: str, layers: int) -> tuple[nn.Module, torch.Tensor]:
+def build(method: str, layers: int, width: int = D) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(D, HEADS, 4 * D, dropout=0.0, batch_first=True, norm_first=True)
+    layer = nn.TransformerEncoderLayer(width, max(1, width // 64), 4 * width, dropout=0.0, batch_first=True,
+                                       norm_first=True)
     model = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-    x = torch.randn(B, T, D)
+    x = torch.randn(B, T, width)
     if method.startswith("checkpoint"):  # the block forms of bdia_fx.memory.checkpoint_blocks
         model = checkpoint_blocks(model, bdia_fx.find_chains(model, (x,)), method)
     elif method.startswith("bdia"):
@@ -60,9 +67,9 @@ def _vm_hwm() -> int:
     raise RuntimeError("VmHWM not found")
 
 
-def measure_memory(method: str, layers: int) -> dict:
+def measure_memory(method: str, layers: int, width: int) -> dict:
     """Run in a fresh process: saved bytes and peak RSS delta of one step."""
-    model, x = build(method, layers)
+    model, x = build(method, layers, width)
     for _ in range(2):
         step(model, x.detach().clone()).backward()
     model.zero_grad(set_to_none=True)
@@ -76,8 +83,10 @@ def measure_memory(method: str, layers: int) -> dict:
     return {"saved_bytes": saved, "peak_bytes": _vm_hwm() - base}
 
 
-def measure_times(layers: int, steps: int, methods: tuple[str, ...] = METHODS) -> dict[str, float]:
-    built = {m: build(m, layers) for m in methods}
+def measure_times(layers: int, steps: int, methods: tuple[str, ...] = METHODS,
+                  width: int = D) -> dict[str, list[float]]:
+    """Each method's step times over ``steps`` rounds (after 2 warm-up rounds), round robin."""
+    built = {m: build(m, layers, width) for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
     for i in range(steps + 2):
         for method, (model, x) in built.items():
@@ -86,12 +95,21 @@ def measure_times(layers: int, steps: int, methods: tuple[str, ...] = METHODS) -
             if i >= 2:
                 times[method].append(time.perf_counter() - start)
             model.zero_grad(set_to_none=False)
-    return {m: statistics.median(v) for m, v in times.items()}
+    return times
 
 
-def memory_in_fresh_process(method: str, layers: int) -> dict:
+def paired_ratio(times: list[float], reference: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round ratios ``times[i] / reference[i]``."""
+    ratios = [a / b for a, b in zip(times, reference)]
+    if len(ratios) == 1:
+        return ratios[0], ratios[0], ratios[0]
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return median, q1, q3
+
+
+def memory_in_fresh_process(method: str, layers: int, width: int) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, __file__, "--one", method, str(layers)], env=env,
+    out = subprocess.run([sys.executable, __file__, "--one", method, str(layers), str(width)], env=env,
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -99,33 +117,39 @@ def memory_in_fresh_process(method: str, layers: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 12, 24])
+    parser.add_argument("--width", type=int, default=D, help="the model width d (heads = d / 64)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                         help="a subset (plain and checkpoint are always measured: the ratios need them)")
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--one", nargs=2, metavar=("METHOD", "K"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=3, metavar=("METHOD", "K", "D"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.one:
-        print(json.dumps(measure_memory(args.one[0], int(args.one[1]))))
+        print(json.dumps(measure_memory(args.one[0], int(args.one[1]), int(args.one[2]))))
         return
     methods = tuple(m for m in METHODS if m in {"plain", "checkpoint", "checkpoint-full", *args.methods})
     rows = []
-    print(f"one training step, B={B} T={T} d={D} heads={HEADS} MLP 4d, fp32, {torch.get_num_threads()} threads")
-    print(f"{'K':>3} {'method':<20} {'saved MiB':>10} {'peak MiB':>9} {'peak/plain':>10} {'time/plain':>10} "
-          f"{'time/ckpt':>9} {'time/ckpt-full':>14}")
+    print(f"one training step, B={B} T={T} d={args.width} heads={max(1, args.width // 64)} MLP 4d, fp32, "
+          f"{torch.get_num_threads()} threads")
+    print("time ratios: median over rounds of the paired per-round ratio (interquartile range)")
+    print(f"{'K':>3} {'method':<20} {'saved MiB':>10} {'peak MiB':>9} {'peak/plain':>10} {'time/plain':>16} "
+          f"{'time/ckpt':>16} {'time/ckpt-full':>16}")
     for layers in args.layers:
-        times = measure_times(layers, args.steps, methods)
-        mem = {m: memory_in_fresh_process(m, layers) for m in methods}
+        times = measure_times(layers, args.steps, methods, args.width)
+        mem = {m: memory_in_fresh_process(m, layers, args.width) for m in methods}
         for m in methods:
-            row = {"K": layers, "method": m, **mem[m], "step_s": times[m],
-                   "peak_vs_plain": mem[m]["peak_bytes"] / mem["plain"]["peak_bytes"],
-                   "time_vs_plain": times[m] / times["plain"], "time_vs_checkpoint": times[m] / times["checkpoint"],
-                   "time_vs_checkpoint_full": times[m] / times["checkpoint-full"]}
+            row = {"K": layers, "d": args.width, "method": m, **mem[m], "step_s": statistics.median(times[m]),
+                   "peak_vs_plain": mem[m]["peak_bytes"] / mem["plain"]["peak_bytes"]}
+            cells = []
+            for name, reference in (("plain", "plain"), ("checkpoint", "checkpoint"),
+                                    ("checkpoint_full", "checkpoint-full")):
+                median, q1, q3 = paired_ratio(times[m], times[reference])
+                row[f"time_vs_{name}"], row[f"time_vs_{name}_iqr"] = median, [q1, q3]
+                cells.append(f"{median:.2f} ({q1:.2f}-{q3:.2f})")
             rows.append(row)
             print(f"{layers:>3} {m:<20} {row['saved_bytes'] / 2**20:>10.2f} {row['peak_bytes'] / 2**20:>9.1f} "
-                  f"{row['peak_vs_plain']:>10.2f} {row['time_vs_plain']:>10.2f} {row['time_vs_checkpoint']:>9.2f} "
-                  f"{row['time_vs_checkpoint_full']:>14.2f}", flush=True)
+                  f"{row['peak_vs_plain']:>10.2f} " + " ".join(f"{c:>16}" for c in cells), flush=True)
     if args.json:
         write_json(rows, args.json)
 

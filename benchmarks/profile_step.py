@@ -5,7 +5,10 @@ operators whose self CPU time differs most between bdia_fx and a checkpoint vari
 by kind: the block's own arithmetic (matmuls, attention, norms, ...), the fixed-point work of
 BDIA (rounding, range checks, integer updates, side bits) and autograd/recompute machinery.
 
-    python benchmarks/profile_step.py [--layers 12] [--steps 3] [--against checkpoint-full] [--json PATH]
+    python benchmarks/profile_step.py [--layers 12] [--width 256] [--steps 3] [--method bdia]
+                                      [--against checkpoint-full] [--json PATH]
+
+``--method bdia-stored --against plain`` prices the stored mode's chain work against plain autograd.
 """
 
 from __future__ import annotations
@@ -35,10 +38,10 @@ def kind_of(op: str) -> str:
     return "block arithmetic"
 
 
-def self_times(methods: list[str], layers: int, steps: int) -> dict[str, dict[str, tuple[float, int]]]:
+def self_times(methods: list[str], layers: int, steps: int, width: int = 256) -> dict[str, dict[str, tuple[float, int]]]:
     """Self CPU ms per step and calls per step of every operator, per method, after two warm-up
     steps; the methods' steps are profiled in turn (round robin) so machine drift hits all alike."""
-    built = {m: build(m, layers) for m in methods}
+    built = {m: build(m, layers, width) for m in methods}
     totals: dict[str, dict[str, list]] = {m: {} for m in methods}
     for round_ in range(steps + 2):
         for method, (model, x) in built.items():
@@ -57,15 +60,18 @@ def self_times(methods: list[str], layers: int, steps: int) -> dict[str, dict[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--width", type=int, default=256, help="the model width d (heads = d / 64)")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--method", default="bdia", choices=["bdia", "bdia-no-verify", "bdia-stored"],
+                        help="the bdia_fx variant profiled (its columns are headed 'bdia')")
     parser.add_argument("--against", default="checkpoint-full",
                         choices=["checkpoint", "checkpoint-full", "checkpoint-reentrant", "plain"])
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--json", help="write the per-operator table here")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    times = self_times([args.against, "bdia"], args.layers, args.steps)
-    base, bdia = times[args.against], times["bdia"]
+    times = self_times([args.against, args.method], args.layers, args.steps, args.width)
+    base, bdia = times[args.against], times[args.method]
     rows = []
     for op in set(base) | set(bdia):
         (b_ms, b_n), (d_ms, d_n) = base.get(op, (0.0, 0)), bdia.get(op, (0.0, 0))
@@ -73,7 +79,8 @@ def main() -> None:
                      "calls_bdia": d_n, "diff_ms": d_ms - b_ms})
     rows.sort(key=lambda r: -abs(r["diff_ms"]))
     total_base, total_bdia = sum(r[args.against] for r in rows), sum(r["bdia"] for r in rows)
-    print(f"self CPU time per training step, K={args.layers}, B=8 T=64 d=256, {args.steps} profiled steps each")
+    print(f"self CPU time per training step, K={args.layers}, B=8 T=64 d={args.width}, {args.steps} profiled steps "
+          f"each; 'bdia' is {args.method}")
     print(f"total: {args.against} {total_base:.1f} ms, bdia {total_bdia:.1f} ms ({total_bdia / total_base:.3f}x)")
     print(f"\n{'kind':<22} {args.against + ' ms':>18} {'bdia ms':>9} {'diff ms':>8}")
     for kind in ("block arithmetic", "fixed point", "autograd / recompute"):
@@ -84,7 +91,8 @@ def main() -> None:
     for r in rows[:args.top]:
         print(f"{r['op'][:52]:<52} {r['kind']:<21} {r['diff_ms']:>+8.2f} {r['calls_base']:>5}/{r['calls_bdia']:<5}")
     if args.json:
-        write_json({"layers": args.layers, "against": args.against, "rows": rows}, args.json)
+        write_json({"layers": args.layers, "width": args.width, "method": args.method, "against": args.against,
+                    "rows": rows}, args.json)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 import bdia_fx
 from bdia_fx import BDIAConfig
 from bdia_fx.conversion import state_of
-from bdia_fx.observe import observing
+from bdia_fx.observe import ChainObserver, observing
 
 from cases import TRAINING_CASES as CASES
 from cases import FramesSeen, assert_close, grads, mean_square_loss
@@ -69,6 +69,26 @@ def test_gamma_is_drawn_per_sample_on_the_batch_dim():
     assert not torch.equal(signs[0], signs[1])
     gammas.release(1)
     assert torch.equal(gammas.sign(1), signs[0])  # drawn again (in backward) from the chain's seed: the same
+
+
+class _FirstStepCodes(ChainObserver):
+    def stream_codes(self, frame, k, codes, rebuilt):
+        if k == 1 and not rebuilt:
+            self.codes = codes.clone()
+
+
+@pytest.mark.parametrize("gammas", [(0.5,), (-0.5,), (-0.5, 0.5)])
+def test_the_first_block_is_the_plain_block_up_to_q_whatever_gamma(gammas):
+    """Block 0 is BDIA's Euler step x_1 = Q[x_0 + h_0(x_0)]: no γ enters it, so a difference from
+    plain training starts at block 1 (the accuracy study's "first block" check)."""
+    torch.manual_seed(5)
+    model = encoder(3, dropout=0.0).train()
+    x = torch.randn(4, 6, 32)
+    conv = bdia_fx.convert(model, (x,), config=BDIAConfig(gammas=gammas)).train()
+    with observing(conv, _FirstStepCodes()) as seen:
+        conv(x).pow(2).mean().backward()
+    plain = model.layers[0](Q.apply(x))
+    assert torch.equal(seen.codes, torch.round(plain * 2**L).to(torch.int32))
 
 
 def test_inputs_beyond_the_exact_range_raise_a_clear_error():

@@ -25,19 +25,22 @@ def _run(script: str, *arguments: str, cwd: Path = ROOT) -> str:
 
 def test_memory_table_orders_the_methods_as_measured(tmp_path):
     out = tmp_path / "memory.json"
-    _run("benchmarks/memory.py", "--layers", "2", "--steps", "1", "--methods", "bdia", "--json", str(out))
+    _run("benchmarks/memory.py", "--layers", "2", "--width", "128", "--steps", "1", "--methods", "bdia",
+         "--json", str(out))
     rows = {row["method"]: row for row in json.loads(out.read_text())}
-    assert set(rows) == {"plain", "checkpoint", "checkpoint-full", "bdia"}
+    assert set(rows) == {"plain", "checkpoint", "checkpoint-full", "bdia"} and {r["d"] for r in rows.values()} == {128}
     assert rows["bdia"]["saved_bytes"] < rows["checkpoint"]["saved_bytes"] * 1.1 < rows["plain"]["saved_bytes"]
     assert rows["plain"]["time_vs_plain"] == 1.0 and rows["checkpoint"]["time_vs_checkpoint"] == 1.0
 
 
-def test_profile_step_groups_operators_by_kind(tmp_path):
+@pytest.mark.parametrize("options", [(), ("--method", "bdia-stored", "--against", "plain", "--width", "64")])
+def test_profile_step_groups_operators_by_kind(tmp_path, options):
     out = tmp_path / "profile.json"
-    stdout = _run("benchmarks/profile_step.py", "--layers", "2", "--steps", "1", "--json", str(out))
+    stdout = _run("benchmarks/profile_step.py", "--layers", "2", "--steps", "1", *options, "--json", str(out))
     assert "fixed point" in stdout and "autograd / recompute" in stdout
-    rows = json.loads(out.read_text())["rows"]
-    assert any(r["kind"] == "fixed point" and r["calls_bdia"] > r["calls_base"] for r in rows)
+    result = json.loads(out.read_text())
+    assert result["method"] == (options[1] if options else "bdia") and result["width"] == (64 if options else 256)
+    assert any(r["kind"] == "fixed point" and r["calls_bdia"] > r["calls_base"] for r in result["rows"])
 
 
 def test_compile_benchmark_counts_breaks_and_checks_gamma(tmp_path):

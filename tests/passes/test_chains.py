@@ -31,7 +31,8 @@ def test_rejections_are_reported_with_module_and_reason():
     assert not report.chains
     (rejection,) = report.rejections
     assert rejection.module == "layers.0" and "post-LN" in rejection.reason
-    assert "refused (not converted)" in str(report)
+    assert rejection.node == "layer_norm_1" and "(node 'layer_norm_1')" in rejection.reason  # the post-add norm
+    assert "refused (not converted)" in str(report) and "node 'layer_norm_1'" in str(report)
 
 
 def test_dropout_with_p_zero_is_not_random():
@@ -97,7 +98,7 @@ def test_a_block_passing_out_a_value_made_from_the_stream_is_still_refused():
     report = bdia_fx.find_chains(Model(), (torch.randn(2, 8),))
     assert not report.chains
     (rejection,) = report.rejections
-    assert rejection.module == "blocks.0" and "passes 2 values out" in rejection.reason
+    assert rejection.module == "blocks.0" and "passes 2 values out (add, mean)" in rejection.reason
 
 
 def test_swin_gives_one_chain_per_stage_one_level_below_the_stages():
