@@ -170,8 +170,10 @@ _LOW_BITS = 0x0101010101010101
 def pack_side_bits(codes: torch.Tensor) -> torch.Tensor:
     """The side bits ``s = code mod 2`` (non-negative, the low bit) packed 8 per byte, uint8, bit i of
     byte j from element 8j + i (integer-to-uint8 conversion keeps the low byte, two's complement).
-    Eight bits are packed by one int64 multiply (:data:`_PACK`), not a reduction over bytes."""
-    bits = codes.reshape(-1).to(torch.uint8).bitwise_and_(1)
+    Eight bits are packed by one int64 multiply (:data:`_PACK`, wrapping in int64 as torch's integer
+    arithmetic does on CPU and CUDA), not a reduction over bytes. The 8 bytes are read as one int64
+    in little-endian order (every platform torch ships wheels for); the layout above assumes it."""
+    bits = codes.reshape(-1).to(torch.uint8, copy=True).bitwise_and_(1)  # a copy: never the caller's bytes
     pad = (-bits.numel()) % 8
     if pad:
         bits = torch.cat([bits, bits.new_zeros(pad)])
@@ -188,10 +190,12 @@ def unpack_side_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 def checksum(codes: torch.Tensor) -> torch.Tensor:
     """A cheap int64 fingerprint of a code tensor on its device: the sums of the codes and of their
-    squares (c² wraps in int32), each read as int64 pairs (one pass, no conversion copy).
+    squares (c² wraps in int32), each summed as int64 words made of two neighbouring codes (one pass,
+    no conversion copy).
 
-    A single changed code changes the first sum (by δ or δ·2^32, not 0 mod 2^64); two changes that
-    cancel in it almost always change the second. A permutation of the codes keeps both. No host read.
+    A single changed code changes the first sum (its word changes by a non-zero amount below 2^64);
+    two changes that cancel in it almost always change the second. A permutation that moves codes
+    only between positions of the same parity (even with even, odd with odd) keeps both. No host read.
     """
     flat = codes.reshape(-1)
     return torch.stack([_wide_sum(flat), _wide_sum(flat * flat)])

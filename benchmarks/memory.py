@@ -124,6 +124,10 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "K", "D"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.width >= 64 and args.width % 64:
+        parser.error(f"--width {args.width}: use a multiple of 64 (heads of 64), or a width below 64 (one head)")
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
     torch.set_num_threads(2)
     if args.one:
         print(json.dumps(measure_memory(args.one[0], int(args.one[1]), int(args.one[2]))))

@@ -23,10 +23,13 @@ from bdia_fx.report import write_json
 from memory import build, step
 
 FIXED_POINT_OPS = {
-    "aten::round_", "aten::aminmax", "aten::__rshift__", "aten::bitwise_and_", "aten::addcmul_", "aten::mul_",
-    "aten::_to_copy", "aten::to", "aten::lt", "aten::gt", "aten::item", "aten::_local_scalar_dense", "aten::sub",
-    "aten::mul",
+    "aten::round_", "aten::aminmax", "aten::__rshift__", "aten::__lshift__", "aten::bitwise_and_", "aten::bitwise_and",
+    "aten::bitwise_or_", "aten::bitwise_right_shift_", "aten::bitwise_right_shift", "aten::bitwise_left_shift",
+    "aten::addcmul_", "aten::mul_", "aten::_to_copy", "aten::to", "aten::lt", "aten::gt", "aten::ne", "aten::item",
+    "aten::_local_scalar_dense", "aten::sub", "aten::mul", "aten::stack",
 }
+"""Operators only the chain's fixed-point code calls here (by name: ``aten::sum`` stays block arithmetic,
+though bdia's extra ``sum`` calls are its checksums, and ``aten::copy_`` too, though some are its casts)."""
 MACHINERY_PREFIXES = ("autograd::", "_Update", "_StreamUpdate", "_EnterChain", "CheckpointFunction", "torch::autograd")
 
 

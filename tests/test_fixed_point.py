@@ -57,6 +57,15 @@ def test_side_bits_pack_bit_i_of_byte_j_from_element_8j_plus_i(n, seed):
     assert fp.pack_side_bits(codes).tolist() == expected
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
+def test_side_bit_packing_leaves_its_input_alone_whatever_the_integer_dtype(dtype):
+    codes = torch.tensor([1, 0, 1, 1, 0, 0, 0, 1, 1], dtype=dtype)
+    before = codes.clone()
+    packed = fp.pack_side_bits(codes[1:])  # a view at an odd offset
+    assert torch.equal(codes, before)
+    assert packed.tolist() == fp.pack_side_bits(before[1:].to(torch.int32)).tolist() == [0b11000110]
+
+
 @pytest.mark.parametrize("n", [1, 7, 64, 1001])
 def test_checksum_sees_every_single_code_change(n, device):
     codes = torch.randint(-(2**29), 2**29, (n,), generator=torch.Generator().manual_seed(n), dtype=torch.int32)

@@ -30,15 +30,20 @@ def test_memory_table_orders_the_methods_as_measured(tmp_path):
     rows = {row["method"]: row for row in json.loads(out.read_text())}
     assert set(rows) == {"plain", "checkpoint", "checkpoint-full", "bdia"} and {r["d"] for r in rows.values()} == {128}
     assert rows["bdia"]["saved_bytes"] < rows["checkpoint"]["saved_bytes"] * 1.1 < rows["plain"]["saved_bytes"]
-    assert rows["plain"]["time_vs_plain"] == 1.0 and rows["checkpoint"]["time_vs_checkpoint"] == 1.0
+    for row in rows.values():  # each ratio is the median of its paired per-round ratios, inside their quartiles
+        for name in ("plain", "checkpoint", "checkpoint_full"):
+            q1, q3 = row[f"time_vs_{name}_iqr"]
+            assert 0 < q1 <= row[f"time_vs_{name}"] <= q3
 
 
 @pytest.mark.parametrize("options", [(), ("--method", "bdia-stored", "--against", "plain", "--width", "64")])
 def test_profile_step_groups_operators_by_kind(tmp_path, options):
     out = tmp_path / "profile.json"
     stdout = _run("benchmarks/profile_step.py", "--layers", "2", "--steps", "1", *options, "--json", str(out))
-    assert "fixed point" in stdout and "autograd / recompute" in stdout
     result = json.loads(out.read_text())
+    fixed = sum(r["bdia"] for r in result["rows"] if r["kind"] == "fixed point")
+    (line,) = [line for line in stdout.splitlines() if line.startswith("fixed point")]
+    assert float(line.split()[3]) == pytest.approx(fixed, abs=0.051)  # the printed total is the rows' sum
     assert result["method"] == (options[1] if options else "bdia") and result["width"] == (64 if options else 256)
     assert any(r["kind"] == "fixed point" and r["calls_bdia"] > r["calls_base"] for r in result["rows"])
 
@@ -96,8 +101,11 @@ def _shown_commands() -> set[str]:
 
 
 def test_every_script_the_readme_and_docs_show_is_run_by_a_test():
-    tests = "".join(p.read_text() for p in (ROOT / "tests").rglob("test_*.py"))
+    """A shown script counts as run when this file passes it to ``_run`` or another test file names it."""
+    here = Path(__file__).resolve()
+    others = "".join(p.read_text() for p in (ROOT / "tests").rglob("test_*.py") if p.resolve() != here)
+    run_here = set(re.findall(r'_run\("((?:benchmarks|examples)/\w+\.py)"', here.read_text()))
     shown = _shown_commands()
     assert "benchmarks/memory.py" in shown and "examples/vit_digits.py" in shown
-    missing = [script for script in sorted(shown) if Path(script).name not in tests]
+    missing = [script for script in sorted(shown) if script not in run_here and Path(script).name not in others]
     assert not missing, f"README/docs commands no test runs: {missing}"
