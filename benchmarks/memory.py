@@ -40,9 +40,16 @@ METHODS = ("plain", "checkpoint", "checkpoint-full", "checkpoint-reentrant", "bd
 B, T, D = 8, 64, 256
 
 
+def heads_of(width: int) -> int:
+    """Attention heads of 64 for a width ``d`` (one head below 64); ValueError for other widths."""
+    if width >= 64 and width % 64:
+        raise ValueError(f"--width {width}: use a multiple of 64 (heads of 64), or a width below 64 (one head)")
+    return max(1, width // 64)
+
+
 def build(method: str, layers: int, width: int = D) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(width, max(1, width // 64), 4 * width, dropout=0.0, batch_first=True,
+    layer = nn.TransformerEncoderLayer(width, heads_of(width), 4 * width, dropout=0.0, batch_first=True,
                                        norm_first=True)
     model = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
     x = torch.randn(B, T, width)
@@ -124,8 +131,10 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "K", "D"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.width >= 64 and args.width % 64:
-        parser.error(f"--width {args.width}: use a multiple of 64 (heads of 64), or a width below 64 (one head)")
+    try:
+        heads = heads_of(args.width)
+    except ValueError as error:
+        parser.error(str(error))
     if args.steps < 1:
         parser.error("--steps must be at least 1")
     torch.set_num_threads(2)
@@ -134,7 +143,7 @@ def main() -> None:
         return
     methods = tuple(m for m in METHODS if m in {"plain", "checkpoint", "checkpoint-full", *args.methods})
     rows = []
-    print(f"one training step, B={B} T={T} d={args.width} heads={max(1, args.width // 64)} MLP 4d, fp32, "
+    print(f"one training step, B={B} T={T} d={args.width} heads={heads} MLP 4d, fp32, "
           f"{torch.get_num_threads()} threads")
     print("time ratios: median over rounds of the paired per-round ratio (interquartile range)")
     print(f"{'K':>3} {'method':<20} {'saved MiB':>10} {'peak MiB':>9} {'peak/plain':>10} {'time/plain':>16} "
@@ -146,10 +155,10 @@ def main() -> None:
             row = {"K": layers, "d": args.width, "method": m, **mem[m], "step_s": statistics.median(times[m]),
                    "peak_vs_plain": mem[m]["peak_bytes"] / mem["plain"]["peak_bytes"]}
             cells = []
-            for name, reference in (("plain", "plain"), ("checkpoint", "checkpoint"),
-                                    ("checkpoint_full", "checkpoint-full")):
+            for reference in ("plain", "checkpoint", "checkpoint-full"):
                 median, q1, q3 = paired_ratio(times[m], times[reference])
-                row[f"time_vs_{name}"], row[f"time_vs_{name}_iqr"] = median, [q1, q3]
+                key = "time_vs_" + reference.replace("-", "_")
+                row[key], row[key + "_iqr"] = median, [q1, q3]
                 cells.append(f"{median:.2f} ({q1:.2f}-{q3:.2f})")
             rows.append(row)
             print(f"{layers:>3} {m:<20} {row['saved_bytes'] / 2**20:>10.2f} {row['peak_bytes'] / 2**20:>9.1f} "

@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bdia_fx.report import write_json
 
-from memory import build, step
+from memory import D, build, heads_of, step
 
 FIXED_POINT_OPS = {
     "aten::round_", "aten::aminmax", "aten::__rshift__", "aten::__lshift__", "aten::bitwise_and_", "aten::bitwise_and",
@@ -41,7 +41,7 @@ def kind_of(op: str) -> str:
     return "block arithmetic"
 
 
-def self_times(methods: list[str], layers: int, steps: int, width: int = 256) -> dict[str, dict[str, tuple[float, int]]]:
+def self_times(methods: list[str], layers: int, steps: int, width: int = D) -> dict[str, dict[str, tuple[float, int]]]:
     """Self CPU ms per step and calls per step of every operator, per method, after two warm-up
     steps; the methods' steps are profiled in turn (round robin) so machine drift hits all alike."""
     built = {m: build(m, layers, width) for m in methods}
@@ -63,7 +63,7 @@ def self_times(methods: list[str], layers: int, steps: int, width: int = 256) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--width", type=int, default=256, help="the model width d (heads = d / 64)")
+    parser.add_argument("--width", type=int, default=D, help="the model width d (heads = d / 64)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--method", default="bdia", choices=["bdia", "bdia-no-verify", "bdia-stored"],
                         help="the bdia_fx variant profiled (its columns are headed 'bdia')")
@@ -72,6 +72,10 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--json", help="write the per-operator table here")
     args = parser.parse_args()
+    try:
+        heads_of(args.width)
+    except ValueError as error:
+        parser.error(str(error))
     torch.set_num_threads(2)
     times = self_times([args.against, args.method], args.layers, args.steps, args.width)
     base, bdia = times[args.against], times[args.method]

@@ -36,6 +36,18 @@ def test_memory_table_orders_the_methods_as_measured(tmp_path):
             assert 0 < q1 <= row[f"time_vs_{name}"] <= q3
 
 
+def test_paired_ratios_are_medians_and_quartiles_of_per_round_ratios(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import memory
+
+    # per-round ratios 2, 2, 3, 5: median 2.5, inclusive quartiles 2 and 3.5 (hand-computed)
+    assert memory.paired_ratio([2.0, 4.0, 6.0, 5.0], [1.0, 2.0, 2.0, 1.0]) == (2.5, 2.0, 3.5)
+    assert memory.paired_ratio([3.0], [2.0]) == (1.5, 1.5, 1.5)
+    assert memory.heads_of(16) == 1 and memory.heads_of(1024) == 16
+    with pytest.raises(ValueError, match="multiple of 64"):
+        memory.heads_of(200)
+
+
 @pytest.mark.parametrize("options", [(), ("--method", "bdia-stored", "--against", "plain", "--width", "64")])
 def test_profile_step_groups_operators_by_kind(tmp_path, options):
     out = tmp_path / "profile.json"
