@@ -11,21 +11,14 @@ seen (a block called directly, outside a planned model call) falls back to the r
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import (
-    TreeSpec,
-    keystr,
-    tree_flatten,
-    tree_flatten_with_path,
-    tree_unflatten,
-    treespec_dumps,
-    treespec_loads,
-)
+from torch.utils._pytree import SUPPORTED_NODES, TreeSpec, keystr, tree_flatten, tree_flatten_with_path, tree_unflatten
 
 from bdia_fx.errors import ConversionError
 
@@ -36,6 +29,26 @@ def describe_leaf(value: Any, shapes: bool) -> Any:
     if isinstance(value, torch.Tensor):
         return (tuple(value.shape), value.dtype, value.device) if shapes else (value.dtype, value.dim())
     return value if isinstance(value, (int, float, bool, str, type(None))) else type(value).__name__
+
+
+def structure_of(value: Any, leaf: Callable[[Any], Any] = lambda v: None if v is None else "*") -> Any:
+    """A pytree's structure as nested tuples of plain values: containers (and registered pytree
+    nodes) by type with their keys, leaves as ``leaf`` describes them. Hashable, picklable, and plain
+    Python that ``torch.compile`` traces (a :class:`TreeSpec` does not hash under dynamo)."""
+    if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
+        return type(value).__name__, tuple(structure_of(v, leaf) for v in value)
+    if isinstance(value, dict):
+        return type(value).__name__, tuple((k, structure_of(v, leaf)) for k, v in value.items())
+    node = SUPPORTED_NODES.get(type(value))
+    if node is not None and value is not None:
+        children, _ = node.flatten_fn(value)
+        return type(value).__qualname__, tuple(structure_of(v, leaf) for v in children)
+    return leaf(value)
+
+
+def call_pattern(args: tuple, kwargs: dict) -> Any:
+    """A training call pattern: argument structure, tensor dtypes and ranks, plain values."""
+    return structure_of((args, kwargs), lambda v: describe_leaf(v, shapes=False))
 
 
 def describe_call(args: tuple, kwargs: dict) -> str:
@@ -57,37 +70,26 @@ def first_float_leaf(leaves: list[Any]) -> int | None:
 class StreamSlots:
     """Where one block's stream is, per call structure: the input leaf and the output leaf."""
 
-    inputs: dict[TreeSpec, int] = field(default_factory=dict)
-    outputs: dict[TreeSpec, int] = field(default_factory=dict)
+    inputs: dict[Any, int] = field(default_factory=dict)  # keyed by structure_of((args, kwargs))
+    outputs: dict[Any, int] = field(default_factory=dict)  # keyed by structure_of(output)
 
-    def input_slot(self, leaves: list[Any], spec: TreeSpec) -> int | None:
-        slot = self.inputs.get(spec)
+    def input_slot(self, leaves: list[Any], structure: Any) -> int | None:
+        slot = self.inputs.get(structure)
         return slot if slot is not None else first_float_leaf(leaves)
 
-    def output_slot(self, leaves: list[Any], spec: TreeSpec) -> int | None:
-        slot = self.outputs.get(spec)
+    def output_slot(self, leaves: list[Any], structure: Any) -> int | None:
+        slot = self.outputs.get(structure)
         return slot if slot is not None else first_float_leaf(leaves)
 
     def merge(self, other: StreamSlots) -> None:
         self.inputs.update(other.inputs)
         self.outputs.update(other.outputs)
 
-    def __getstate__(self) -> dict:
-        """Call structures pickle through torch's own TreeSpec serialization; one it cannot write (a
-        custom pytree node without a serialized name) is left out and observed again at the next capture."""
-        return {name: dict(_dumped(table)) for name, table in (("inputs", self.inputs), ("outputs", self.outputs))}
-
     def __setstate__(self, state: dict) -> None:
-        self.inputs = {treespec_loads(spec): slot for spec, slot in state["inputs"].items()}
-        self.outputs = {treespec_loads(spec): slot for spec, slot in state["outputs"].items()}
-
-
-def _dumped(table: dict[TreeSpec, int]) -> Iterator[tuple[str, int]]:
-    for spec, slot in table.items():
-        try:
-            yield treespec_dumps(spec), slot
-        except (NotImplementedError, TypeError, ValueError):
-            continue
+        """Pickles of bdia_fx 0.x before 2026-12 keyed the tables by serialized TreeSpecs (strings):
+        those entries are dropped and observed again at the model's next capture."""
+        self.inputs = {k: v for k, v in state["inputs"].items() if not isinstance(k, str)}
+        self.outputs = {k: v for k, v in state["outputs"].items() if not isinstance(k, str)}
 
 
 @dataclass
@@ -109,18 +111,27 @@ class BlockCall:
 
     def leaf_name(self, index: int) -> str:
         """A readable name of argument leaf ``index``: ``attention_mask``, ``position_embeddings[0]``, ``args[1]``."""
-        paths = tree_flatten_with_path(tree_unflatten(list(range(len(self.leaves))), self.spec))[0]
-        text = keystr(paths[index][0])
-        if text.startswith("[0]"):
-            return "args" + text[3:]
-        name, _, rest = text[len("[1]['"):].partition("']")
-        return name + rest
+        return leaf_name(self.spec, len(self.leaves), index)
+
+    def names(self) -> Callable[[int], str]:
+        """:meth:`leaf_name` as a function that holds none of the call's values."""
+        return functools.partial(leaf_name, self.spec, len(self.leaves))
+
+
+def leaf_name(spec: TreeSpec, count: int, index: int) -> str:
+    """The readable name of leaf ``index`` of a call structure ``spec`` with ``count`` leaves."""
+    paths = tree_flatten_with_path(tree_unflatten(list(range(count)), spec))[0]
+    text = keystr(paths[index][0])
+    if text.startswith("[0]"):
+        return "args" + text[3:]
+    name, _, rest = text[len("[1]['"):].partition("']")
+    return name + rest
 
 
 def split_call(args: tuple, kwargs: dict, slots: StreamSlots, where: str) -> tuple[torch.Tensor, BlockCall]:
     """The stream of a block call and the rest of the call."""
     leaves, spec = tree_flatten((args, kwargs))
-    index = slots.input_slot(leaves, spec)
+    index = slots.input_slot(leaves, structure_of((args, kwargs)))
     if index is None or not (isinstance(leaves[index], torch.Tensor) and leaves[index].is_floating_point()):
         raise ConversionError("block was called without a floating-point tensor (the residual stream)", module=where)
     stream = leaves[index]
@@ -131,7 +142,7 @@ def split_call(args: tuple, kwargs: dict, slots: StreamSlots, where: str) -> tup
 def split_output(out: Any, slots: StreamSlots, where: str) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
     """The stream a block returned, and a function putting another stream in its place."""
     leaves, spec = tree_flatten(out)
-    index = slots.output_slot(leaves, spec)
+    index = slots.output_slot(leaves, structure_of(out))
     if index is None or not isinstance(leaves[index], torch.Tensor):
         raise ConversionError("block returned no floating-point tensor (the residual stream)", module=where)
 
@@ -146,9 +157,9 @@ def split_output(out: Any, slots: StreamSlots, where: str) -> tuple[torch.Tensor
 @dataclass
 class _Recorded:
     leaves: list[Any]
-    spec: TreeSpec
+    structure: Any
     out_leaves: list[Any] | None = None
-    out_spec: TreeSpec | None = None
+    out_structure: Any = None
 
 
 @contextlib.contextmanager
@@ -159,12 +170,11 @@ def recording_block_calls(model: nn.Module) -> Iterator[dict[str, list[_Recorded
     handles = []
 
     def before(path: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        leaves, spec = tree_flatten((args, kwargs))
-        calls.setdefault(path, []).append(_Recorded(leaves, spec))
+        calls.setdefault(path, []).append(_Recorded(tree_flatten((args, kwargs))[0], structure_of((args, kwargs))))
 
     def after(path: str, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         record = calls[path][-1]
-        record.out_leaves, record.out_spec = tree_flatten(out)
+        record.out_leaves, record.out_structure = tree_flatten(out)[0], structure_of(out)
 
     for path, module in model.named_modules():
         if path.rpartition(".")[2].isdigit():
@@ -208,12 +218,13 @@ def stream_slots(paths: tuple[str, ...], calls: dict[str, list[_Recorded]]) -> l
                 f"{len(pairs)} floating-point tensors made by '{paths[k]}' pass to it (need exactly one)",
                 module=paths[k + 1])
         out_slot, in_slot = pairs[0]
-        slots[k].outputs[here.out_spec] = out_slot
-        slots[k + 1].inputs[there.spec] = in_slot
-    if len(paths) > 1 and records[0] is not None and records[1] is not None and records[0].spec == records[1].spec:
+        slots[k].outputs[here.out_structure] = out_slot
+        slots[k + 1].inputs[there.structure] = in_slot
+    if (len(paths) > 1 and records[0] is not None and records[1] is not None
+            and records[0].structure == records[1].structure):
         slots[0].inputs.update(slots[1].inputs)
     last, before_last = records[-1], records[-2] if len(paths) > 1 else None
-    if (last is not None and before_last is not None and last.out_spec is not None
-            and last.out_spec == before_last.out_spec):
+    if (last is not None and before_last is not None and last.out_leaves is not None
+            and last.out_structure == before_last.out_structure):
         slots[-1].outputs.update(slots[-2].outputs)
     return slots

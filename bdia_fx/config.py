@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from bdia_fx.schemes import BDIA, SCHEMES, Scheme
+from bdia_fx.schemes import BDIA, SCHEMES, ChainScheme
 
 _ALLOWED_GAMMAS = (-0.5, 0.5)
 
@@ -36,12 +36,12 @@ class BDIAConfig:
             post-LN blocks LN(x + h(x)): the update x_{k+1} = Q[γx_{k-1}] + Q[(1+γ)f_k(x_k) − 2γx_k]
             is exactly invertible for any block map f_k and γ = 0 is the original model, but
             whether such a chain trains as well is a measured question (``benchmarks/post_ln.py``).
-        scheme: ``"bdia"`` (default, :data:`bdia_fx.schemes.BDIA`), or a shear scheme of
-            :mod:`bdia_fx.schemes` (its name, e.g. ``"alf"``, or a :class:`~bdia_fx.schemes.Scheme`):
-            block k is the vector field of step k
+        scheme: ``"bdia"`` (default, :data:`bdia_fx.schemes.BDIA`), a shear scheme of
+            :mod:`bdia_fx.schemes` (its name, e.g. ``"alf"``, or a :class:`~bdia_fx.schemes.Scheme`), or any
+            :class:`~bdia_fx.schemes.ChainScheme` (the stepping interface; one defined outside bdia_fx
+            too). For a shear scheme block k is the vector field of step k
             (step size 1) and the chain is integrated with that scheme, exactly invertible with no side
-            bits (:mod:`bdia_fx.scheme_chain`). Its inference form is the scheme's own step, which
-            *changes the model* (unlike BDIA at γ = 0); ``revert`` and ``export_onnx`` emit that form.
+            bits. Its inference form is the scheme's own step, which *changes the model* (unlike BDIA at γ = 0); ``revert`` and ``export_onnx`` emit that form.
             Block granularity only; ``gammas`` do not apply.
     """
 
@@ -53,7 +53,7 @@ class BDIAConfig:
     quantize_eval: bool = True
     batch_dim: int | None = None
     residual_only: bool = True
-    scheme: str | Scheme = "bdia"
+    scheme: str | ChainScheme = "bdia"
 
     def __post_init__(self) -> None:
         if not isinstance(self.frac_bits, int) or not 0 <= self.frac_bits <= 20:
@@ -71,9 +71,9 @@ class BDIAConfig:
             raise ValueError(f"BDIAConfig.mode must be 'reversible' or 'stored', got {self.mode!r}")
         if self.scheme is BDIA:
             object.__setattr__(self, "scheme", "bdia")
-        if not (self.scheme == "bdia" or isinstance(self.scheme, Scheme) or self.scheme in SCHEMES):
-            raise ValueError(f"BDIAConfig.scheme must be 'bdia', a bdia_fx.schemes.Scheme or one of {sorted(SCHEMES)}, "
-                             f"got {self.scheme!r}")
+        if not (self.scheme == "bdia" or isinstance(self.scheme, ChainScheme) or self.scheme in SCHEMES):
+            raise ValueError(f"BDIAConfig.scheme must be 'bdia', a bdia_fx.schemes.ChainScheme or one of "
+                             f"{sorted(SCHEMES)}, got {self.scheme!r}")
         if self.scheme != "bdia" and self.granularity != "block":
             raise ValueError(f"BDIAConfig.scheme={self.scheme!r} runs whole blocks as steps: granularity must be "
                              f"'block', got {self.granularity!r}")

@@ -20,7 +20,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from bdia_fx import hf
-from bdia_fx.calls import StreamSlots, describe_call, describe_leaf, recording_block_calls, stream_slots
+from bdia_fx.calls import StreamSlots, call_pattern, describe_call, recording_block_calls, stream_slots
 from bdia_fx.config import BDIAConfig
 from bdia_fx.errors import ConversionError
 from bdia_fx.module_tree import (
@@ -176,12 +176,6 @@ def _as_args(example_inputs: Any) -> tuple:
                     f"got {type(example_inputs).__name__}")
 
 
-def _pattern_key(args: tuple, kwargs: dict) -> tuple:
-    """A training call pattern: argument structure, tensor dtypes and ranks, plain values."""
-    leaves, spec = tree_flatten((args, kwargs))
-    return spec, tuple(describe_leaf(leaf, shapes=False) for leaf in leaves)
-
-
 def _training_call(model: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """A training call's arguments under the Hugging Face conventions (:mod:`bdia_fx.hf`)."""
     if state.takes_use_cache:
@@ -189,16 +183,26 @@ def _training_call(model: nn.Module, state: ConvertedState, args: tuple, kwargs:
     return args, kwargs
 
 
-@torch.compiler.disable  # captures and the HF conventions run eagerly under torch.compile
 def _before_call(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """The converted model's root forward pre-hook: training calls follow the HF conventions, and a
     new training call pattern is captured and checked before it runs (eval calls are never captured:
-    before the first training call a lazily converted model evaluates as the original)."""
+    before the first training call a lazily converted model evaluates as the original). Traced by
+    ``torch.compile`` once the model has been planned (the HF conventions are plain Python on the
+    call's arguments); planning itself runs eagerly (:func:`_checked_call`)."""
     if capturing() or not module.training:
         return None
     state = state_of(module)
+    if torch.compiler.is_compiling():
+        args, kwargs = _training_call(module, state, args, kwargs)
+        if call_pattern(args, kwargs) in state.patterns:  # decided while tracing: no graph break
+            return args, kwargs
+    return _checked_call(module, state, args, kwargs)
+
+
+@torch.compiler.disable  # captures run eagerly under torch.compile
+def _checked_call(module: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     args, kwargs = _training_call(module, state, args, kwargs)
-    if _pattern_key(args, kwargs) not in state.patterns:
+    if call_pattern(args, kwargs) not in state.patterns:
         _plan(module, state, args, kwargs)
     _turn_off_hf_checkpointing(state)  # gradient_checkpointing_enable() may have run after convert
     return args, kwargs
@@ -245,7 +249,7 @@ def _plan(model: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) ->
             )
             for index, block in enumerate(blocks):
                 install_proxy(block, runtime, index)
-            install_boundary(modules[chain.container.rpartition(".")[0]])  # the module looping over the blocks
+            install_boundary(modules[chain.container.rpartition(".")[0]], runtime)  # the module looping over the blocks
             state.runtimes[chain.container] = runtime
     else:
         found = {c.container: c.block_paths for c in report.chains}
@@ -265,7 +269,7 @@ def _plan(model: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) ->
         chains = {chain.container: BDIAChain(state.runtimes[chain.container], chain) for chain in state.plan.chains}
         state.graph = rewrite_chains(state.plan, chains, state.config.frac_bits)
     _turn_off_hf_checkpointing(state)
-    state.patterns.add(_pattern_key(args, kwargs))
+    state.patterns.add(call_pattern(args, kwargs))
 
 
 def _with_step_ends(report: ChainReport, ends: dict[str, list[list[str]]]) -> ChainReport:

@@ -11,7 +11,7 @@ from torch import nn
 
 from bdia_fx.conversion import state_of
 from bdia_fx.errors import ReversibilityError
-from bdia_fx.frame import ChainFrame
+from bdia_fx.frame import ChainCall
 from bdia_fx.memory import default_loss
 from bdia_fx.observe import ChainObserver, observing
 
@@ -37,31 +37,31 @@ class ExactnessReport:
 
     def __str__(self) -> str:
         lines = [f"exactness: {'bit-exact' if self.exact else 'NOT exact'} "
-                 f"over {len(self.blocks)} rebuilt block inputs"]
+                 f"over the rebuilt chain states before {len(self.blocks)} steps"]
         lines += [f"  {b.block}: {b.mismatched} of {b.elements} codes differ (max |error| {b.max_code_error})"
                   for b in self.blocks if b.mismatched]
         return "\n".join(lines)
 
 
 class _CodeTrace(ChainObserver):
-    """The codes of every x_k a chain call made in forward and rebuilt in backward."""
+    """The state codes before every chain step, made in forward and rebuilt in backward."""
 
     def __init__(self) -> None:
-        self.calls: dict[ChainFrame, tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]] = {}
+        self.calls: dict[ChainCall, tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]] = {}
 
-    def stream_codes(self, frame: ChainFrame, k: int, codes: torch.Tensor, rebuilt: bool) -> None:
-        self.calls.setdefault(frame, ({}, {}))[rebuilt][k] = codes.clone()
+    def state_codes(self, call: ChainCall, n: int, codes: torch.Tensor, rebuilt: bool) -> None:
+        self.calls.setdefault(call, ({}, {}))[rebuilt][n] = codes.clone()
 
     def complete(self) -> bool:
-        """Whether every chain call's walk down rebuilt all its inputs, x_{K-2} … x_0."""
-        return all(len(rebuilt) == len(frame.steps) - 1 for frame, (_, rebuilt) in self.calls.items())
+        """Whether every chain call's walk down rebuilt the state before each of its steps."""
+        return all(len(rebuilt) == len(call.steps) for call, (_, rebuilt) in self.calls.items())
 
 
 def check_exactness(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict | None = None,
                     loss_fn: Callable[[Any], torch.Tensor] | None = None) -> ExactnessReport:
     """Run one reversible training step of a converted ``model`` and compare, on integer codes,
-    every x_k its backward rebuilt with the x_k of its forward (they must be equal:
-    ``docs/design.md``).
+    the chain state its backward rebuilt before every step with the state of its forward (they must
+    be equal: ``docs/design.md``).
 
     Parameter gradients of the step are accumulated as in any backward; zero them afterwards if
     the step should not count. ``loss_fn(output)`` defaults to the mean square of the first
@@ -85,9 +85,9 @@ def check_exactness(model: nn.Module, example_inputs: tuple = (), example_kwargs
     finally:
         model.train(was_training)
     blocks = []
-    for frame, (forward, rebuilt) in trace.calls.items():
-        for k in sorted(rebuilt):
-            error = (rebuilt[k].to(torch.int64) - forward[k].to(torch.int64)).abs()
-            blocks.append(BlockExactness(frame.container, frame.steps[k].path, error.numel(),
+    for call, (forward, rebuilt) in trace.calls.items():
+        for n in sorted(rebuilt):
+            error = (rebuilt[n].to(torch.int64) - forward[n].to(torch.int64)).abs()
+            blocks.append(BlockExactness(call.container, call.steps[n], error.numel(),
                                          int((error != 0).sum()), int(error.max()) if error.numel() else 0))
     return ExactnessReport(tuple(blocks))

@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_flatten
 
 from bdia_fx.conversion import is_converted
 from bdia_fx.errors import ExportError
-from bdia_fx.module_tree import infer_batch_dim, is_gamma0_proxy, remove_proxy, shallow_clone
+from bdia_fx.module_tree import infer_batch_dim, is_inference_proxy, shallow_clone
 from bdia_fx.reversal import revert, reverted_info
 
 
@@ -304,11 +304,13 @@ def _check_axes_stayed_dynamic(proto: Any, axes: dict[str, dict[int, str]]) -> N
 
 
 def _quantization_effect(model: nn.Module, args: tuple, kwargs: dict) -> float:
-    """Max |quantized − unquantized| PyTorch output of a quantized γ = 0 model on these inputs."""
+    """Max |quantized − unquantized| PyTorch output of a model with quantized inference forms on these inputs."""
     unquantized = shallow_clone(model)
+    forms: dict[int, Any] = {}
     for module in unquantized.modules():
-        if is_gamma0_proxy(module):
-            remove_proxy(module)
+        if is_inference_proxy(module):
+            form = module.__dict__["_bdia_form"]
+            module.__dict__["_bdia_form"] = forms.setdefault(id(form), form.with_quantize(False))
     pairs = zip(_reference_outputs(model, args, kwargs), _reference_outputs(unquantized, args, kwargs))
     return max((float((a - b).abs().max()) for a, b in pairs if a.is_floating_point() and a.numel()), default=0.0)
 

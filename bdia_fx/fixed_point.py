@@ -63,9 +63,11 @@ def codes_unchecked(x: torch.Tensor, frac_bits: int, code_dtype: torch.dtype = t
     return x.to(compute_dtype(x.dtype)).mul(2.0**frac_bits).round().to(code_dtype)
 
 
-def range_problem(low: float, high: float, frac_bits: int, dtype: torch.dtype | None = None) -> str | None:
+def range_problem(low: float, high: float, frac_bits: int, dtype: torch.dtype | None = None,
+                  limit: int = CODE_LIMIT) -> str | None:
     """Why codes with this [min, max] cannot be held exactly, or None when they can. With ``dtype``
-    (the stream's), the values must also be finite in it: blocks read them in that dtype."""
+    (the stream's), the values must also be finite in it: blocks read them in that dtype. ``limit``:
+    :data:`CODE_LIMIT` (int32 codes) or :data:`WIDE_CODE_LIMIT` (int64)."""
     if math.isnan(low) or math.isnan(high) or math.isinf(low) or math.isinf(high):
         kind = "NaN" if math.isnan(low) or math.isnan(high) else "inf"
         return (f"the stream became non-finite ({kind}) at this block: its output holds {kind} values (an "
@@ -75,11 +77,12 @@ def range_problem(low: float, high: float, frac_bits: int, dtype: torch.dtype | 
     if dtype is not None and dtype.is_floating_point and value > torch.finfo(dtype).max:
         return (f"the stream reached |x| = {value:.6g}, beyond the largest {dtype} value {torch.finfo(dtype).max:.6g} "
                 "that the blocks read it in; rescale the stream or train in a wider dtype")
-    if max(abs(low), abs(high)) < CODE_LIMIT:
+    if max(abs(low), abs(high)) < limit:
         return None
-    return (f"fixed-point overflow: |x| reached {value:.6g}, beyond the exact range |x| < 2^{29 - frac_bits} = "
-            f"{exact_range(frac_bits):.6g} of the chain's int32 codes at frac_bits={frac_bits}; lower "
-            "BDIAConfig.frac_bits or rescale the stream")
+    bits = 32 if limit == CODE_LIMIT else 64
+    return (f"fixed-point overflow: |x| reached {value:.6g}, beyond the exact range |x| < "
+            f"2^{round(math.log2(limit)) - frac_bits} = {limit / 2.0**frac_bits:.6g} of the chain's int{bits} codes at "
+            f"frac_bits={frac_bits}; lower BDIAConfig.frac_bits or rescale the stream")
 
 
 def from_codes(codes: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
@@ -102,31 +105,38 @@ def quantize_ste(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
     return x + (quantize(x, frac_bits) - x).detach()
 
 
-# ---------------------------------------------------------------- the BDIA update (γ = sign / 2)
-def gamma_of(sign: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """γ = sign / 2 in ``dtype`` (``sign`` is an int8 ±1 tensor)."""
-    return 0.5 * sign.to(dtype)
+# ---------------------------------------------------------------- γ signs, the halving update
+_MASK32 = 0xFFFFFFFF
+_MIX = 0x45D9F3B
 
 
-def update_coefficient(sign: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """(1+γ)·2^l for γ = sign/2, in ``dtype``: the scale of the block output in the update codes."""
-    return (1.0 + gamma_of(sign, dtype)).mul_(2.0**frac_bits)
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash of int64 tensors holding values in [0, 2^32) (two multiply–xorshift
+    rounds; every product stays below 2^59, so nothing wraps, in eager or compiled code)."""
+    x = ((x >> 16) ^ x) * _MIX & _MASK32
+    x = ((x >> 16) ^ x) * _MIX & _MASK32
+    return (x >> 16) ^ x
 
 
-def update_codes(f: torch.Tensor, x_codes: torch.Tensor | None, sign: torch.Tensor | None,
-                 coefficient: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes of Q[v] for v = (1+γ)f − 2γx (v = f for the first step: ``sign`` None, ``coefficient``
-    2^l), and the range of the rounded term; ``coefficient`` is :func:`update_coefficient`.
+def draw_seed(like: torch.Tensor) -> torch.Tensor:
+    """A 62-bit seed as a 0-d int64 tensor on ``like``'s device, from torch's generator of that device
+    (``torch.manual_seed`` reproduces it; no host read)."""
+    device = like.device
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
 
-    2γx = ±x lies on the grid, so Q[v] is taken as Q[(1+γ)f] − 2γx: one rounding of the block's
-    output, then integer arithmetic, ``round((1+γ)·2^l·f) − sign·code(x)`` (the same as rounding v
-    itself but at exact half-code ties, which round half to even on (1+γ)f; forward and recompute
-    use this one formula, which is what exactness needs).
-    """
-    b, stats = _round(f.to(compute_dtype(f.dtype)) * coefficient)
-    if sign is None:
-        return b, stats
-    return b.addcmul_(x_codes, sign, value=-1), stats
+
+def gamma_signs(seed: torch.Tensor, step: int, batch: int, rank: int = 0) -> torch.Tensor:
+    """Step ``step``'s sign (±1, int8) for each of ``batch`` samples, a pure function of the 0-d int64
+    ``seed``, the step and the process ``rank``: the same in forward and backward, in eager and
+    compiled code, on any device, with nothing kept per step but the seed. Each sign is one bit of a
+    32-bit integer hash of (seed, step, rank, sample)."""
+    salt = seed.new_full((), (step * 0x9E3779B1 + rank * 0x85EBCA77) & _MASK32)  # a tensor: inductor
+    # mistypes an int64 arange xor-ed with a symbolic Python int (recompiles make such ints dynamic)
+    index = torch.arange(batch, dtype=torch.int64, device=seed.device)
+    h = _mix32(index ^ salt)
+    h = _mix32(h ^ (seed & _MASK32))
+    h = _mix32(h ^ ((seed >> 32) & _MASK32))
+    return ((h >> 15) & 1).to(torch.int8) * 2 - 1
 
 
 def half_term(codes: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
@@ -145,16 +155,6 @@ def bdia_inverse(c: torch.Tensor, b: torch.Tensor, sign: torch.Tensor, bits: tor
     a = c - b  # one new tensor, the rest in place (backward's working set is the peak)
     a.mul_(2 * sign)
     return a.add_(bits)
-
-
-def update_grads(grad: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Straight-through gradients of Q[v], v = (1+γ)f − 2γx: ``((1+γ)g, −2γg)`` for f and x."""
-    return grad * (1.0 + gamma), grad * (-2.0 * gamma)
-
-
-def half_term_grad(grad: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """Straight-through gradient of Q[γx_{k-1}] for x_{k-1}: ``γg``."""
-    return grad * gamma
 
 
 # ---------------------------------------------------------------- side bits and checksums
@@ -191,13 +191,18 @@ def unpack_side_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 def checksum(codes: torch.Tensor) -> torch.Tensor:
     """A cheap int64 fingerprint of a code tensor on its device: the sums of the codes and of their
     squares (c² wraps in int32), each summed as int64 words made of two neighbouring codes (one pass,
-    no conversion copy).
+    no conversion copy; int64 codes are summed as they are).
 
     A single changed code changes the first sum (its word changes by a non-zero amount below 2^64);
     two changes that cancel in it almost always change the second. A permutation that moves codes
     only between positions of the same parity (even with even, odd with odd) keeps both. No host read.
     """
     flat = codes.reshape(-1)
+    if torch.compiler.is_compiling():  # compiled code sums int64 conversions (fused, no copy)
+        wide = flat.to(torch.int64)
+        return torch.stack([wide.sum(), (flat * flat).to(torch.int64).sum()])
+    if flat.dtype == torch.int64:  # the codes of shear schemes: their own words
+        return torch.stack([flat.sum(), (flat * flat).sum()])
     return torch.stack([_wide_sum(flat), _wide_sum(flat * flat)])
 
 

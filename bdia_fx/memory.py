@@ -21,7 +21,7 @@ from bdia_fx.report import ChainReport
 
 class _ChainStateBytes(ChainObserver):
     """What chain calls keep outside autograd's saved tensors: the side inputs (masks, ...) a
-    reversible call holds for its recompute, and each frame's RNG states, checksums and γ seed."""
+    reversible call holds for its recompute (saved tensors of its updates too), and each call's RNG states."""
 
     def __init__(self) -> None:
         self.side_storages: dict[int, int] = {}

@@ -6,11 +6,14 @@ import contextlib
 import copy
 import functools
 import inspect
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 _HOOK_DICTS = (
     "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
@@ -38,7 +41,7 @@ def shallow_clone(module: nn.Module, memo: dict[int, nn.Module] | None = None,
     clone = object.__new__(type(module))  # not copy.copy: FSDPModule.__new__ would rebuild the original class
     clone.__dict__.update(module.__dict__)
     if isinstance(module.__dict__.get("forward"), CompileBoundary):
-        clone.__dict__["forward"] = CompileBoundary(clone)
+        clone.__dict__["forward"] = CompileBoundary(clone, module.__dict__["forward"].runtimes)
     memo[id(module)] = clone
     if not shared_tables:
         clone._parameters = dict(module._parameters)
@@ -120,18 +123,11 @@ def _top_function_mode() -> Any:
     return torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1)
 
 
-def _gamma0_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    from bdia_fx.runtime import gamma0_block_forward
+def _inference_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    from bdia_fx.runtime import inference_block_forward
 
-    return gamma0_block_forward(self, original_class(self), args, kwargs, self._bdia_frac_bits,
-                                self._bdia_index == 0, self._bdia_path, self._bdia_slots, self._bdia_branch)
-
-
-def _scheme_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    from bdia_fx.scheme_chain import scheme_block_forward
-
-    return scheme_block_forward(self._bdia_form, self, original_class(self), args, kwargs, self._bdia_index,
-                                self._bdia_path, self._bdia_slots, self._bdia_branch)
+    return inference_block_forward(self._bdia_form, self, original_class(self), args, kwargs, self._bdia_index,
+                                   self._bdia_path, self._bdia_slots, self._bdia_branch)
 
 
 CHECKPOINT_FORMS = {  # kind -> (early stop, reentrant)
@@ -153,7 +149,7 @@ def _checkpointed(early_stop: bool, reentrant: bool):
     return forward
 
 
-_FORWARDS = {"bdia": _chain_forward, "gamma0": _gamma0_forward, "scheme": _scheme_forward,
+_FORWARDS = {"bdia": _chain_forward, "inference": _inference_forward,
              **{kind: _checkpointed(*form) for kind, form in CHECKPOINT_FORMS.items()}}
 
 
@@ -169,10 +165,9 @@ def _new_proxy(cls: type, kind: str) -> nn.Module:
 def proxy_class(cls: type, kind: str = "bdia") -> type:
     """A subclass of ``cls`` whose ``forward`` is the ``kind`` one.
 
-    ``"bdia"`` hands the call to the block's chain runtime; ``"gamma0"`` runs the quantized
-    γ = 0 step x_{k+1} = Q[f_k(x_k)] (the reverted model with ``quantize=True``); ``"scheme"`` runs
-    step k of a scheme chain's inference form (:class:`bdia_fx.scheme_chain.SchemeForm`);
-    ``"checkpoint"`` (and the other :data:`CHECKPOINT_FORMS`) runs the original forward under
+    ``"bdia"`` hands the call to the block's chain runtime; ``"inference"`` runs step k of a chain's
+    inference form (:class:`bdia_fx.runtime.InferenceForm`: the quantized γ = 0 step of BDIA, a shear
+    scheme's own step), as a reverted model does where it is not the original block; ``"checkpoint"`` (and the other :data:`CHECKPOINT_FORMS`) runs the original forward under
     ``torch.utils.checkpoint`` (the baselines of comparisons).
     Proxies pickle (``torch.save``, ``copy.deepcopy``) as their original class plus the kind.
     """
@@ -196,19 +191,33 @@ def install_proxy(block: nn.Module, runtime: Any, index: int) -> None:
 
 
 class CompileBoundary:
-    """The ``forward`` of the module whose code calls a chain's blocks, run outside ``torch.compile``.
+    """The ``forward`` of the module whose code calls a chain's blocks, as ``torch.compile`` sees it.
 
-    A chain runs eagerly (its frame, checkpointing and integer state are Python-driven); made a
-    boundary at the module that loops over the blocks, a compiled model graph-breaks once there
-    instead of once per block, so the count does not grow with depth, and γ is drawn as in eager.
-    Installed as an instance attribute, so the module keeps its class; it pickles.
+    Traced where every chain it calls can be (:meth:`bdia_fx.runtime.ChainRuntime.compile_blocker`):
+    the chain's steps are then part of the compiled graphs. Otherwise the module runs eagerly behind
+    this boundary (one graph break, however deep the chain; γ as in eager), with one log line saying
+    why. Installed as an instance attribute, so the module keeps its class; it pickles.
     """
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, runtimes: list | None = None):
         self.module = module
+        self.runtimes = list(runtimes or [])
+        self.logged = False
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "logged": False}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling() and any(r.compile_blocker() for r in self.runtimes):
+            return self._eager(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
 
     @torch.compiler.disable
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def _eager(self, *args: Any, **kwargs: Any) -> Any:
+        reasons = [f"'{r.container}': {r.compile_blocker()}" for r in self.runtimes if r.compile_blocker()]
+        if reasons and not self.logged:
+            self.logged = True
+            logger.info("under torch.compile, chain %s runs eagerly behind a graph break", "; ".join(reasons))
         return type(self.module).forward(self.module, *args, **kwargs)
 
     @property
@@ -216,10 +225,13 @@ class CompileBoundary:
         return inspect.signature(type(self.module).forward.__get__(self.module))
 
 
-def install_boundary(module: nn.Module) -> None:
-    """Make ``module``'s forward a :class:`CompileBoundary` (idempotent)."""
-    if not isinstance(module.__dict__.get("forward"), CompileBoundary):
-        module.__dict__["forward"] = CompileBoundary(module)
+def install_boundary(module: nn.Module, runtime: Any) -> None:
+    """Make ``module``'s forward a :class:`CompileBoundary` for the chain ``runtime`` (more chains may share it)."""
+    boundary = module.__dict__.get("forward")
+    if not isinstance(boundary, CompileBoundary):
+        boundary = module.__dict__["forward"] = CompileBoundary(module)
+    if runtime not in boundary.runtimes:
+        boundary.runtimes.append(runtime)
 
 
 def remove_boundary(module: nn.Module) -> None:
@@ -240,16 +252,10 @@ def boundary_suspended(module: nn.Module) -> Iterator[None]:
             module.__dict__["forward"] = boundary
 
 
-def install_gamma0_proxy(block: nn.Module, index: int, frac_bits: int, path: str, slots: Any,
-                         branch: bool = False) -> None:
-    """Make ``block`` step k = ``index`` of the quantized γ = 0 chain (``slots``: where its stream is;
-    ``branch``: the block computes h(x) only and the parent adds the stream)."""
-    _install(block, "gamma0", index=index, frac_bits=frac_bits, path=path, slots=slots, branch=branch)
-
-
-def install_scheme_proxy(block: nn.Module, index: int, form: Any, path: str, slots: Any, branch: bool) -> None:
-    """Make ``block`` step k = ``index`` of the scheme chain inference ``form`` (shared by the chain's blocks)."""
-    _install(block, "scheme", index=index, form=form, path=path, slots=slots, branch=branch)
+def install_inference_proxy(block: nn.Module, index: int, form: Any, path: str, slots: Any, branch: bool) -> None:
+    """Make ``block`` step k = ``index`` of the chain inference ``form`` (shared by the chain's blocks;
+    ``slots``: where its stream is; ``branch``: the block computes h(x) only and the parent adds the stream)."""
+    _install(block, "inference", index=index, form=form, path=path, slots=slots, branch=branch)
 
 
 def _install(block: nn.Module, kind: str, **attributes: Any) -> None:
@@ -260,16 +266,15 @@ def _install(block: nn.Module, kind: str, **attributes: Any) -> None:
 
 
 def remove_proxy(block: nn.Module) -> None:
-    """Undo :func:`install_proxy` / :func:`install_gamma0_proxy` / :func:`install_scheme_proxy`."""
+    """Undo :func:`install_proxy` / :func:`install_inference_proxy`."""
     block.__class__ = original_class(block)
-    for name in ("_bdia_runtime", "_bdia_index", "_bdia_frac_bits", "_bdia_path", "_bdia_slots", "_bdia_branch",
-                 "_bdia_form"):
+    for name in ("_bdia_runtime", "_bdia_index", "_bdia_path", "_bdia_slots", "_bdia_branch", "_bdia_form"):
         block.__dict__.pop(name, None)
 
 
-def is_gamma0_proxy(module: nn.Module) -> bool:
-    """Whether ``module`` runs as a quantized γ = 0 step (see :func:`install_gamma0_proxy`)."""
-    return type(module) is _PROXY_CLASSES.get((original_class(module), "gamma0"))
+def is_inference_proxy(module: nn.Module) -> bool:
+    """Whether ``module`` runs as a step of an inference form (see :func:`install_inference_proxy`)."""
+    return type(module) is _PROXY_CLASSES.get((original_class(module), "inference"))
 
 
 def original_class(block: nn.Module) -> type:

@@ -2,7 +2,8 @@
 
 A :class:`ChainObserver` is attached to every chain of a converted model with :func:`observing`;
 a chain call whose forward starts while it is attached reports to it, backward included (also a
-backward run after the ``with`` block). With none attached the runtime calls nothing.
+backward run after the ``with`` block). With none attached the runtime calls nothing; calls traced
+by ``torch.compile`` report nothing.
 """
 
 from __future__ import annotations
@@ -15,20 +16,21 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from bdia_fx.frame import ChainFrame
+    from bdia_fx.frame import ChainCall
     from bdia_fx.runtime import ChainRuntime
 
 
 class ChainObserver:
     """Receives the events of chain calls; every method is a no-op unless overridden."""
 
-    def block_called(self, frame: ChainFrame, index: int, sides: list[tuple[int, torch.Tensor]]) -> None:
+    def block_called(self, call: ChainCall, index: int, sides: list[tuple[int, torch.Tensor]]) -> None:
         """Block ``index`` of the chain starts a training step with these side inputs (by position)."""
 
-    def stream_codes(self, frame: ChainFrame, k: int, codes: torch.Tensor, rebuilt: bool) -> None:
-        """The codes of x_k: made by the forward, or ``rebuilt`` by the backward's walk down."""
+    def state_codes(self, call: ChainCall, n: int, codes: torch.Tensor, rebuilt: bool) -> None:
+        """The codes of every part of the chain's state before chain step n (stacked): made by the
+        forward, or ``rebuilt`` by the backward's walk down."""
 
-    def forward_finished(self, frame: ChainFrame) -> None:
+    def forward_finished(self, call: ChainCall) -> None:
         """The chain's forward ran its last step."""
 
 

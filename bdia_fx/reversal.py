@@ -9,9 +9,8 @@ from torch import fx, nn
 
 from bdia_fx.conversion import detach_state, state_of
 from bdia_fx.errors import ConversionError
-from bdia_fx.module_tree import install_gamma0_proxy, install_scheme_proxy, remove_boundary, remove_proxy, shallow_clone
+from bdia_fx.module_tree import install_inference_proxy, remove_boundary, remove_proxy, shallow_clone
 from bdia_fx.passes.revert import revert_chains
-from bdia_fx.scheme_form import SchemeForm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,23 +50,20 @@ def revert(model: nn.Module, quantize: bool = False) -> nn.Module:
             "revert(quantize=True) needs the model's chains, but this converted model has not been called "
             "yet; call it once or pass example inputs to bdia_fx.convert", module="")
     clone = shallow_clone(model)
-    schemes = {r.container: r.shear_scheme for r in state.runtimes.values() if r.shear_scheme is not None}
-    graph = None  # a scheme chain's quantized form runs on int64 codes: no graph of it (the model runs it)
-    if state.plan is not None and not (schemes and quantize):
+    schemes = {r.container: r.scheme for r in state.runtimes.values()}
+    graph = None  # an inference form that runs on codes has no graph (the model runs it)
+    if state.plan is not None and all(s.traceable_inference(quantize) for s in schemes.values()):
         graph = revert_chains(state.graph, state.plan, quantize, state.config.frac_bits, schemes)
     detach_state(clone)
     modules = dict(clone.named_modules())
     for runtime in state.runtimes.values():
         remove_boundary(modules[runtime.container.rpartition(".")[0]])
-        form = None if runtime.shear_scheme is None else \
-            SchemeForm(runtime.container, runtime.shear_scheme, state.config.frac_bits, quantize, len(runtime.blocks))
+        original = not quantize and runtime.scheme.original_at_inference  # the blocks as they were
+        form = runtime.form.with_quantize(quantize)
         for index, path in enumerate(runtime.block_paths):
             remove_proxy(modules[path])
-            if form is not None:
-                install_scheme_proxy(modules[path], index, form, path, runtime.slots[index], runtime.branch)
-            elif quantize:
-                install_gamma0_proxy(modules[path], index, state.config.frac_bits, path, runtime.slots[index],
-                                     runtime.branch)
+            if not original:
+                install_inference_proxy(modules[path], index, form, path, runtime.slots[index], runtime.branch)
     _REVERTED[clone] = RevertedInfo(graph, quantize, state.config.frac_bits)
     return clone
 

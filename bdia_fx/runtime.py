@@ -1,50 +1,41 @@
-"""The chain runtime: executes a BDIA chain block by block, and its reversible backward.
+"""The chain runtime: executes a chain block by block, in training and in eval.
 
-The converted model's parent module runs eagerly and calls its block modules in order; each block
-of a chain is a thin proxy (see :mod:`bdia_fx.module_tree`) that hands the call to the chain's
-:class:`ChainRuntime`. A training call is one :class:`~bdia_fx.frame.ChainFrame` (made at block 0)
-run under ordinary autograd, one step per block (or per sublayer): an update Function turns the
-step's output f_k(x_k) into the integer codes of Q[v_k], v_k = (1+γ)f_k − 2γx_k, and a stream
-Function forms the exact fixed-point update x_{k+1} = Q[γx_{k-1}] + Q[v_k]; both pass
-straight-through gradients (``docs/design.md``).
-
-``mode="reversible"`` runs each step under non-reentrant ``torch.utils.checkpoint`` (its RNG and
-autocast replay, no early stop) holding no tensor input: the step reads x_k from the frame, so
-nothing but x_K, x_{K-1} codes and one packed side bit per element per step is saved (as ordinary
-saved tensors of the stream Functions; γ is drawn again from one seed per call). When backward
-reaches step k, its recompute checks and replays what the forward read (:mod:`bdia_fx.guards`),
-reads x_k rebuilt from the codes, and inverts the update to x_{k-1} for step k-1. Parameter
-gradients are accumulated operation by operation, as with per-block checkpointing.
-``mode="stored"`` runs the very same steps without checkpointing (the reference).
+The converted model's parent module runs and calls its block modules in order; each block of a chain
+is a thin proxy (see :mod:`bdia_fx.module_tree`) that hands the call to the chain's
+:class:`ChainRuntime`. A training call is one :class:`~bdia_fx.frame.ChainCall` (made at block 0):
+each block (or sublayer) is one chain step of the chain's scheme (:mod:`bdia_fx.schemes`), run by
+:func:`bdia_fx.chain_step.run_step` — the one training path of every scheme, reversible or stored,
+eager or traced by ``torch.compile``. Eval runs the scheme's inference form (:class:`InferenceForm`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.utils.checkpoint as checkpoint
 from torch import nn
 
+from bdia_fx import chain_step
 from bdia_fx import fixed_point as fp
+from bdia_fx.block_maps import OriginalCall, StepSource
 from bdia_fx.calls import BlockCall, StreamSlots, describe_leaf, split_call, split_output
 from bdia_fx.config import BDIAConfig
-from bdia_fx.errors import ConversionError, ReversibilityError
-from bdia_fx.frame import ChainFrame, StepRecord, recomputing
-from bdia_fx.guards import StepState, record_step, version_of
-from bdia_fx.scheme_chain import SchemeFrame, block_map_of, scheme_block_forward
-from bdia_fx.scheme_form import SchemeForm
-from bdia_fx.schemes import BDIA, scheme_of
+from bdia_fx.errors import ConversionError
+from bdia_fx.frame import ChainCall
+from bdia_fx.guards import record_step, version_of
+from bdia_fx.schemes import ChainScheme, chain_scheme_of
 
 if TYPE_CHECKING:
-    from bdia_fx.passes.plan import ChainPlan, StepGraph
+    from bdia_fx.passes.plan import ChainPlan
 
+logger = logging.getLogger(__name__)
 _capturing = [False]
 
-StepFunction = Callable[[torch.Tensor], "tuple[torch.Tensor, Callable[[torch.Tensor], Any] | None]"]
 SublayerPlanner = Callable[..., tuple[Any, Callable[[torch.Tensor], Any]]]
 
 
@@ -64,158 +55,73 @@ def capture_mode() -> Iterator[None]:
         _capturing[0] = previous
 
 
-def gamma0_block_forward(block: nn.Module, original: type, args: tuple, kwargs: dict, frac_bits: int,
-                         first: bool, where: str, slots: StreamSlots, branch: bool = False) -> Any:
-    """One step of the quantized γ = 0 chain: x_{k+1} = Q[f_k(x_k)], with x_0 = Q[x_in] if ``first``.
-    A ``branch`` module (its residual add in the parent) returns x_{k+1} − x_in for the parent to add."""
-    x_in, call = split_call(args, kwargs, slots, where)
-    x = fp.quantize(x_in, frac_bits) if first else x_in
-    f_args, f_kwargs = call.with_stream(x)
-    f, rebuild = split_output(original.forward(block, *f_args, **f_kwargs), slots, where)
-    if branch:
-        return rebuild(fp.quantize(x + f, frac_bits) - x_in)
-    return rebuild(BDIA.inference(f, frac_bits))
+class InferenceForm:
+    """A chain's inference form (eval, and the reverted model's proxies), block call by block call:
+    a scheme whose inference state is more than the stream keeps it here from block 0's call to the
+    last block's (the parent hands over only the stream)."""
 
+    def __init__(self, container: str, scheme: ChainScheme, frac_bits: int, quantize: bool, blocks: int):
+        self.container, self.scheme, self.frac_bits, self.quantize = container, scheme, frac_bits, quantize
+        self.blocks = blocks
+        self._state: list | None = None
+        self._out: Any = None
+        self._next = 0
 
-class _EnterChain(torch.autograd.Function):
-    """x_0 = Q[x_in] with the straight-through gradient; its codes start the chain."""
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_state": None, "_out": None, "_next": 0}
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, frame: ChainFrame) -> torch.Tensor:
-        return frame.enter(x)
+    def with_quantize(self, quantize: bool) -> InferenceForm:
+        """The same form, quantized or not."""
+        return InferenceForm(self.container, self.scheme, self.frac_bits, quantize, self.blocks)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None
+    def quantizer(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return functools.partial(fp.quantize, frac_bits=self.frac_bits) if self.quantize else None
 
-
-class _Update(torch.autograd.Function):
-    """Codes of Q[v_k] (left on the frame) from f_k and the codes of x_k, without materialising v_k.
-
-    Returns an empty tensor that links f_k and x_k to the stream update, which hands the gradient
-    g_{k+1} over through the frame; the straight-through gradients are (1+γ)g for f_k and −2γg for
-    x_k. It saves only a 0-element anchor inside the step's checkpoint: backward reaches this node
-    first in the step, so its unpack starts the recompute (and with it the rebuild of x_{k-1})
-    before anything else of the step runs backward.
-    """
-
-    @staticmethod
-    def forward(ctx, f: torch.Tensor, x: torch.Tensor, anchor: torch.Tensor, frame: ChainFrame, k: int,
-                x_codes: torch.Tensor, direction: str) -> torch.Tensor:
-        ctx.save_for_backward(anchor)
-        ctx.frame, ctx.k = frame, k
-        frame.update = frame.make_update(k, f, x_codes, direction)
-        return f.new_empty(0)
-
-    @staticmethod
-    def backward(ctx, _link: torch.Tensor):
-        ctx.saved_tensors  # noqa: B018 -- the unpack is the point: it triggers the step's recompute
-        frame, k = ctx.frame, ctx.k
-        grad = frame.grads.pop(k)
+    def step(self, k: int, x: torch.Tensor, block: Any, branch: bool, where: str) -> torch.Tensor:
+        """Block k's call: the new stream z_{k+1} from z_k = ``x`` (a branch gets z_{k+1} − x back)."""
+        scheme, bits, q = self.scheme, self.frac_bits, self.quantizer()
         if k == 0:
-            return grad, None, None, None, None, None, None
-        gamma = frame.gammas.gamma(k)
-        frame.gammas.release(k)  # step k is done backward (drawn again if a retained graph runs again)
-        grad_f, grad_x = frame.scheme.update_gradients(grad, gamma)
-        return grad_f, grad_x, None, None, None, None, None
-
-
-class _StreamUpdate(torch.autograd.Function):
-    """x_{k+1} = Q[γx_{k-1}] + Q[v_k] on integer codes (x_1 = Q[v_0]); gradients γg and g (STE).
-
-    In reversible mode it saves the packed side bits of x_{k-1}, and at the top the codes of x_K
-    and x_{K-1}, as ordinary saved tensors (freed by autograd after backward unless the graph is
-    retained); its backward hands them to the frame before step k is recomputed.
-    """
-
-    @staticmethod
-    def forward(ctx, x_below: torch.Tensor | None, link: torch.Tensor, frame: ChainFrame, k: int,
-                last: bool) -> torch.Tensor:
-        b, frame.update = frame.update, None
-        new, saved = frame.advance(k, b)
-        if frame.reversible and last:
-            saved += [new, frame.below]
-        ctx.save_for_backward(*saved)
-        ctx.frame, ctx.k, ctx.last = frame, k, last
-        return fp.from_codes(new, frame.frac_bits, frame.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        frame, k = ctx.frame, ctx.k
-        if frame.reversible:
-            if torch.is_grad_enabled():
+            state = scheme.infer_start(x, bits, q)
+        elif self._state is not None and len(self._state) == 1:
+            state = scheme.infer_start(x, bits, None)  # the state is the stream: step from what the parent gave
+        else:
+            if self._state is None or self._next != k or not self._handed_over(x, branch):
                 raise ConversionError(
-                    "a reversible chain does not support higher-order gradients (create_graph=True: gradient "
-                    "penalties, double backward); convert with BDIAConfig(mode='stored') for them",
-                    module=frame.container)
-            saved = list(ctx.saved_tensors)
-            if k > 0:
-                frame.bits[k] = saved.pop(0)
-            if ctx.last:
-                frame.begin_backward(k, saved)
-            elif k + 1 not in frame.codes:
-                raise ReversibilityError(
-                    f"the forward of chain '{frame.container}' ended after this step, before the chain's last "
-                    "block: a reversible chain rebuilds its inputs from the last block's output, so the parent "
-                    "must call every block of the chain in each training call (layer dropping and early exits "
-                    "need BDIAConfig(mode='stored'))", module=frame.steps[k].path)
-        frame.grads[k] = grad  # for the step's update node (the link carries no data)
-        link = grad.new_zeros(0)
-        if k == 0:
-            return None, link, None, None, None
-        return frame.scheme.below_gradient(grad, frame.gammas.gamma(k)), link, None, None, None
+                    f"block {k} of chain '{self.container}' did not get block {k - 1}'s output: this chain's "
+                    "inference form carries state between its blocks, so they must run in order, each once per "
+                    "call, with nothing changing the stream in between", module=where)
+            state = self._state
+        state = scheme.infer_step(k, state, block, bits, q, x.dtype)
+        z = scheme.infer_stream(state, bits, x.dtype)
+        returned = z - x if branch else z
+        self._state, self._out, self._next = (None, None, 0) if k == self.blocks - 1 else \
+            (state, (returned, x) if branch else z, k + 1)
+        return returned
+
+    def _handed_over(self, x: torch.Tensor, branch: bool) -> bool:
+        """The stream block k got is block k−1's output: the object itself, or for a branch module the
+        parent's add of what it returned and its input (by value; not checked while being compiled or
+        exported, where values are symbolic)."""
+        if not branch:
+            return x is self._out
+        if torch.compiler.is_compiling():
+            return True
+        returned, passed = self._out
+        return x.shape == passed.shape and torch.equal(x, returned + passed)
 
 
-class _Step:
-    """Step k of one chain call as a function of a 0-element anchor only (nothing held).
-
-    ``function(x)`` gives the step's f_k(x) = x + h_k(x) and the block's output structure. The
-    first call is the forward: it reads the live x_k. Checkpoint calls it again when backward
-    reaches the step: it then checks what the recompute reads (``state``), replays the forward's
-    module state, reads x_k rebuilt from codes and inverts the update, leaving the codes of x_{k-1}
-    for step k-1. Checkpoint holds the step until backward has run, and no longer.
-    """
-
-    def __init__(self, frame: ChainFrame, k: int, function: StepFunction, state: StepState | None):
-        self.frame, self.k, self.function, self.state = frame, k, function, state
-        self.ran = False
-
-    def __call__(self, anchor: torch.Tensor) -> torch.Tensor:
-        frame, k = self.frame, self.k
-        record = frame.steps[k]
-        if self.ran:
-            return self._recompute(record, anchor)
-        self.ran = True
-        x = frame.stream
-        record.x_requires_grad = x.requires_grad
-        version = version_of(x)
-        f, rebuild = self.function(x)
-        if version_of(x) != version:
-            raise ConversionError("in-place op on the residual stream input inside the block", module=record.path)
-        link = _Update.apply(f, x, anchor, frame, k, frame.top, "forward")
-        if rebuild is not None:
-            frame.rebuild = rebuild
-        return link
-
-    def _recompute(self, record: StepRecord, anchor: torch.Tensor) -> torch.Tensor:
-        frame, k = self.frame, self.k
-        if k not in frame.codes:
-            raise ReversibilityError("backward reached this step before the one above it rebuilt its input",
-                                     module=record.path)
-        self.state.check()
-        x_codes = frame.codes[k]
-        x = fp.from_codes(x_codes, frame.frac_bits, frame.dtype).requires_grad_(record.x_requires_grad)
-        with self.state.replay(), recomputing():
-            f, _ = self.function(x)
-        link = _Update.apply(f, x, anchor, frame, k, x_codes, "backward")
-        b, frame.update = frame.update, None
-        with torch.no_grad():
-            frame.invert(k, b)
-        return link
+def inference_block_forward(form: InferenceForm, block: nn.Module, original: type, args: tuple, kwargs: dict,
+                            index: int, where: str, slots: StreamSlots, branch: bool) -> Any:
+    """A block call of a chain's inference form."""
+    x, call = split_call(args, kwargs, slots, where)
+    source = StepSource(block, original, where, slots, branch, call)
+    block_map = source.bind([leaf for leaf in call.leaves if isinstance(leaf, torch.Tensor)])
+    z = form.step(index, x, block_map, branch, where)
+    return block_map.rebuild(z) if block_map.rebuild is not None else z
 
 
 class ChainRuntime:
-    """Runs one chain of ``K`` blocks as BDIA (training) or as the γ = 0 chain (eval).
+    """Runs one chain of ``K`` blocks: the scheme's training chain, or its inference form in eval.
 
     ``plan_sublayers(block, original, leaves, spec, stream_index, slots, where)`` (given by
     :func:`bdia_fx.convert` for ``granularity="sublayer"``) returns a block call's sublayer plan
@@ -236,19 +142,38 @@ class ChainRuntime:
         self.random_blocks = list(random_blocks)
         self.slots = slots
         self.plan_sublayers = plan_sublayers
+        self.scheme = chain_scheme_of(config.scheme)
         self.observers: list = []  # bdia_fx.observe.ChainObserver instances while something measures
-        self._frame: ChainFrame | None = None  # the training call whose forward is running
+        self._call: ChainCall | None = None  # the training call whose forward is running
         self._training = False  # whether the running call trains (some block of the chain is in training mode)
         self._plans: dict[Any, tuple] = {}  # granularity="sublayer": (plan, rebuild) per block call and shapes
-        # BDIAConfig(scheme=...) other than BDIA: the chain integrates its blocks with that scheme
-        self.shear_scheme = None if config.scheme == "bdia" else scheme_of(config.scheme)
-        self.form = None if self.shear_scheme is None else \
-            SchemeForm(container, self.shear_scheme, config.frac_bits, config.quantize_eval, len(blocks))
+        self.callers = [OriginalCall(b, o) for b, o in zip(blocks, originals)]  # for torch.func under compile
+        self.untraceable = _untraceable_forwards(block_paths, blocks)
+        self.form = InferenceForm(container, self.scheme, config.frac_bits, config.quantize_eval, len(blocks))
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_frame"], state["_plans"], state["observers"] = None, {}, []  # per call, or re-made on demand
+        state.update(_call=None, _plans={}, observers=[])  # per call, or re-made on demand
         return state
+
+    def compile_blocker(self) -> str | None:
+        """Why ``torch.compile`` cannot trace this chain's calls now (the module calling its blocks then runs
+        eagerly behind a boundary, :class:`bdia_fx.module_tree.CompileBoundary`), or None when it can:
+        eval calls always can; training calls unless they plan sublayers at run time or draw random
+        numbers a compiled recompute could not replay."""
+        if not any(b.training for b in self.blocks):
+            return None
+        if self.config.granularity != "block":
+            return "granularity='sublayer' plans its steps from exports at run time"
+        if self.untraceable:
+            return (f"module '{self.untraceable[0]}' has its forward wrapped by the `kernels` package (Hugging Face "
+                    "hub kernels), which picks another implementation under torch.compile and sets a global "
+                    "that dynamo cannot trace inside a backward recompute")
+        random = [p for p, r in zip(self.block_paths, self.random_blocks) if r]
+        if random:
+            return (f"block '{random[0]}' draws random numbers in training (dropout): a compiled recompute cannot "
+                    "replay torch's generator")
+        return None
 
     # ------------------------------------------------------------------ dispatch
     def run_block(self, index: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -259,49 +184,31 @@ class ChainRuntime:
         if index == 0:  # the whole chain call trains if any of its blocks is in training mode
             self._training = any(b.training for b in self.blocks)
         if not self._training:
-            if self.form is not None:
-                return scheme_block_forward(self.form, block, original, args, kwargs, index, where,
-                                            self.slots[index], self.branch)
-            if not self.config.quantize_eval:
+            if not self.config.quantize_eval and self.scheme.original_at_inference:
                 return original.forward(block, *args, **kwargs)
-            return gamma0_block_forward(block, original, args, kwargs, self.config.frac_bits, index == 0, where,
-                                        self.slots[index], self.branch)
+            return inference_block_forward(self.form, block, original, args, kwargs, index, where,
+                                           self.slots[index], self.branch)
         x, call = split_call(args, kwargs, self.slots[index], where)
         if index == 0:
             if x.dim() <= self.batch_dim:
                 raise ConversionError(f"stream has {x.dim()} dims, no batch dim {self.batch_dim}", module=where)
-            self._frame = self._new_frame(x, where)
+            self._call = ChainCall(self.container, self.scheme, self.config, x, self.batch_dim,
+                                   tuple(self.observers), torch.compiler.is_compiling())
         elif self.branch:
             self._accept_parent_add(index, x)
         else:
             self._accept(index, x)
-        frame = self._frame
-        frame.next_block = index + 1
-        passed, x = x, (frame.out if self.branch and index > 0 else x)  # a branch chain steps from its own stream
+        chain = self._call
+        chain.next_block = index + 1
         try:
-            if self.shear_scheme is not None:
-                return self._train_scheme_block(frame, index, block, original, call, passed)
-            return self._train_block(frame, index, block, original, x, call, passed)
+            return self._train_block(chain, index, block, original, x, call)
         except BaseException:
-            self._frame = None  # a failed call keeps nothing alive until the next one
+            self._call = None  # a failed call keeps nothing alive until the next one
             raise
 
-    def _new_frame(self, x: torch.Tensor, where: str) -> ChainFrame | SchemeFrame:
-        """The frame of a training call starting at block 0 with stream ``x``."""
-        if self.shear_scheme is None:
-            return ChainFrame(self.container, x, self.config, self.batch_dim, tuple(self.observers))
-        sharded = [p for p, b in zip(self.block_paths, self.blocks) if type(b).__name__.startswith("FSDP")]
-        if sharded:
-            raise ConversionError(
-                f"scheme chain '{self.container}' runs its backward in one autograd node, which FSDP's per-block "
-                f"hooks cannot see ('{sharded[0]}' is sharded with fully_shard); shard the model above the chain, "
-                "or train with the default BDIA scheme", module=sharded[0])
-        return SchemeFrame(self.container, self.shear_scheme, self.config.frac_bits, self.config.mode == "reversible",
-                           self.config.verify, x, len(self.blocks))
-
-    def _check_order(self, index: int) -> tuple[ChainFrame, str, str]:
-        """The running call's frame, block ``index``'s path and the previous block's, if block ``index`` is due."""
-        frame, where = self._frame, self.block_paths[index]
+    def _check_order(self, index: int) -> tuple[ChainCall, str, str]:
+        """The running call, block ``index``'s path and the previous block's, if block ``index`` is due."""
+        frame, where = self._call, self.block_paths[index]
         if frame is None or frame.next_block != index:
             expected = 0 if frame is None else frame.next_block
             raise ConversionError(
@@ -320,7 +227,7 @@ class ChainRuntime:
                 "else the parent's code or a wrapper around the block). A chain keeps its own exact copy of the "
                 "stream, so nothing may change it between blocks; a change made inside a block (a hook on one of "
                 "its submodules) is part of the block and is replayed exactly", module=where)
-        if version_of(frame.out) != frame.out_version:
+        if not frame.compiled and version_of(frame.out) != frame.out_version:
             hooks = _hooks_between(self.blocks[index - 1], before, self.blocks[index], where)
             raise ConversionError(
                 f"the stream between '{before}' and '{where}' was modified in place "
@@ -334,6 +241,8 @@ class ChainRuntime:
         when no graph is recorded). The chain then steps from its own exact copy of that sum."""
         frame, where, before = self._check_order(index)
         returned, passed, version = frame.branch_io
+        if frame.compiled:  # traced values: the graph fixes what the parent adds
+            return
         if version_of(returned) != version:
             added = False  # edited in place after the block returned it (a forward hook, the parent)
         elif x.grad_fn is not None or returned.grad_fn is not None:
@@ -349,65 +258,43 @@ class ChainRuntime:
                 "in-place edit, another op in the parent's loop, or a hook). A chain keeps its own exact copy of the "
                 "stream, so nothing may change it between blocks", module=where)
 
-    # ------------------------------------------------------------------ training (BDIA)
-    def _train_block(self, frame: ChainFrame, index: int, block: nn.Module, original: type, x: torch.Tensor,
-                     call: BlockCall, passed: torch.Tensor) -> Any:
+    # ------------------------------------------------------------------ training
+    def _train_block(self, chain: ChainCall, index: int, block: nn.Module, original: type, x: torch.Tensor,
+                     call: BlockCall) -> Any:
+        where, slots = self.block_paths[index], self.slots[index]
         if index == 0:
-            x = _EnterChain.apply(x, frame)
+            chain_step.enter(chain, x, where)
         sides = call.side_tensors()
-        for observer in frame.observers:
-            observer.block_called(frame, index, sides)
-        x = self._run_steps(frame, index, x, self._steps_of(index, block, original, x, call), sides, call.leaf_name)
-        rebuild, frame.rebuild = frame.rebuild, None
-        returned = x - passed if self.branch else x  # the parent adds ``passed`` back: x_{k+1}
-        if index < len(self.blocks) - 1:
-            frame.out, frame.out_version = x, version_of(x)
-            if self.branch:
-                frame.branch_io = (returned, passed, version_of(returned))
-            return rebuild(returned)
-        self._frame, frame.branch_io = None, None
-        frame.finish_forward()
-        return rebuild(returned)
-
-    def _train_scheme_block(self, frame: SchemeFrame, index: int, block: nn.Module, original: type,
-                            call: BlockCall, passed: torch.Tensor) -> Any:
-        """Block ``index`` as step k of a scheme chain (:mod:`bdia_fx.scheme_chain`); the chain steps
-        from its own state, so ``passed`` (the stream the parent handed over) is only checked."""
-        where, slots = self.block_paths[index], self.slots[index]
-        sides = call.side_tensors()
-        names = {i: call.leaf_name(i) for i, _ in sides}  # the frame outlives the call: keep no leaf of it
-        state = record_step(block, where, sides, names.__getitem__) if frame.reversible else None
-        rebind, side_tensors, first_rebuild = block_map_of(block, original, call, slots, where)
-        z = frame.step(index, where, rebind, side_tensors, [p for p in block.parameters() if p.requires_grad],
-                       self.branch, state, self.random_blocks[index])
-        rebuild = first_rebuild()
-        returned = z - passed if self.branch else z
-        if index < len(self.blocks) - 1:
-            frame.out, frame.out_version = z, version_of(z)
-            if self.branch:
-                frame.branch_io = (returned, passed, version_of(returned))
-            return rebuild(returned)
-        self._frame = None
-        joined = frame.finish()
-        if joined is not None:
-            returned = joined - passed if self.branch else joined
-        return rebuild(returned)
-
-    def _steps_of(self, index: int, block: nn.Module, original: type, x: torch.Tensor,
-                  call: BlockCall) -> list[tuple[StepFunction, str, bool]]:
-        """The BDIA steps of one block call: the whole block, or one per sequential residual add."""
-        where, slots = self.block_paths[index], self.slots[index]
+        for observer in chain.observers:
+            observer.block_called(chain, index, sides)
+        side_tensors = [t for _, t in sides]
+        named = [(name, p) for name, p in block.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        guard = (record_step(block, where, sides, call.names())
+                 if chain.reversible and not chain.compiled else None)
+        last_block = index == len(self.blocks) - 1
         if self.config.granularity == "block" or self.branch:  # a branch is one residual add: one step
-            def whole(stream: torch.Tensor) -> tuple[torch.Tensor, Any]:
-                f_args, f_kwargs = call.with_stream(stream)
-                f, rebuild = split_output(original.forward(block, *f_args, **f_kwargs), slots, where)
-                return (stream + f if self.branch else f), rebuild
-            return [(whole, where, self.random_blocks[index])]
-        steps, rebuild = self._plan(index, block, original, x, call)  # plans are per module state too
-        tensors = [leaf for i, leaf in enumerate(call.leaves)
-                   if i != call.stream_index and isinstance(leaf, torch.Tensor)]
-        return [(functools.partial(_planned_step, step, block, tensors, rebuild if j == len(steps) - 1 else None),
-                 f"{where} (sublayer {j})", step.random) for j, step in enumerate(steps)]
+            source = StepSource(block, original, where, slots, self.branch, call, caller=self.callers[index],
+                                param_names=[name for name, _ in named])
+            block_map = chain_step.run_step(chain, source, side_tensors, params, guard, self.random_blocks[index],
+                                            last_block)
+            rebuild = block_map.rebuild
+        else:
+            steps, rebuild = self._plan(index, block, original, x, call)  # plans are per module state too
+            for j, step in enumerate(steps):
+                source = StepSource(block, original, f"{where} (sublayer {j})", slots, False, graph=step)
+                chain_step.run_step(chain, source, side_tensors, params, guard, step.random,
+                                    last_block and j == len(steps) - 1)
+        out = chain_step.stream(chain)
+        returned = out - x if self.branch else out  # the parent adds ``x`` back: x_{k+1}
+        if not last_block:
+            chain.out, chain.out_version = out, (None if chain.compiled else version_of(out))
+            if self.branch:
+                chain.branch_io = (returned, x, None if chain.compiled else version_of(returned))
+            return rebuild(returned) if rebuild is not None else returned
+        self._call = None
+        chain.finish_forward()
+        return rebuild(returned) if rebuild is not None else returned
 
     def _plan(self, index: int, block: nn.Module, original: type, x: torch.Tensor, call: BlockCall) -> tuple:
         """The block's sublayer steps for this call structure, these input shapes and this module state
@@ -426,88 +313,54 @@ class ChainRuntime:
 
     # ------------------------------------------------------------------ the rewritten graph's chain node
     def run_plan(self, plan: ChainPlan, x: torch.Tensor, sides: list[torch.Tensor], training: bool) -> torch.Tensor:
-        """Run the chain ``plan`` (from :mod:`bdia_fx.passes.plan`) on the stream ``x`` = Q[x_in] and
-        the chain's side inputs: the BDIA chain in training, the γ = 0 chain otherwise. The steps are
-        the planned graphs of the blocks, the machinery the same as for the eager model's calls."""
+        """Run the chain ``plan`` (from :mod:`bdia_fx.passes.plan`) on the stream ``x`` = Q[x_in] and the
+        chain's side inputs: the training chain, or the inference form. The steps are the planned graphs
+        of the blocks, the machinery the same as for the eager model's calls."""
         block_sides = [[sides[i] for i in plan.side_positions(block)] for block in plan.blocks]
-        if self.shear_scheme is not None:
-            return self._run_scheme_plan(plan, x, block_sides, training)
-        if not training:
-            for index, block in enumerate(plan.blocks):
-                for step in block.steps:
-                    x = step(self.blocks[index], x, block_sides[index])
-                x = fp.quantize(x, self.config.frac_bits) if self.config.quantize_eval else x
-            return x
-        frame = self._frame = ChainFrame(self.container, x, self.config, self.batch_dim, tuple(self.observers))
-        x = _EnterChain.apply(x, frame)
-        for index, block in enumerate(plan.blocks):
-            named = list(enumerate(block_sides[index]))
-            for observer in frame.observers:
-                observer.block_called(frame, index, named)
-            steps = [(functools.partial(_planned_step, step, self.blocks[index], block_sides[index], None),
-                      block.path if len(block.steps) == 1 else f"{block.path} (sublayer {j})", step.random)
-                     for j, step in enumerate(block.steps)]
-            x = self._run_steps(frame, index, x, steps, named, lambda i, b=block: b.side_inputs[i].name)
-        self._frame = None
-        frame.finish_forward()
-        return x
-
-    def _run_scheme_plan(self, plan: ChainPlan, x: torch.Tensor, block_sides: list[list[torch.Tensor]],
-                         training: bool) -> torch.Tensor:
-        """:meth:`run_plan` for a scheme chain: its inference form, or its training frame."""
-        def rebind(index: int) -> Callable[[list[torch.Tensor]], Callable[[torch.Tensor], torch.Tensor]]:
-            steps, block = plan.blocks[index].steps, self.blocks[index]
-            return lambda sides: lambda z: functools.reduce(lambda s, step: step(block, s, list(sides)), steps, z)
-
         if not training:
             out = x
             for index, block in enumerate(plan.blocks):
-                out = self.form.step(index, out, rebind(index)(block_sides[index]), False, block.path)
+                steps = block.steps
+                source = StepSource(self.blocks[index], self.originals[index], block.path, self.slots[index],
+                                    False, graph=_Chained(steps))
+                out = self.form.step(index, out, source.bind(block_sides[index]), False, block.path)
             return out
-        frame = self._new_frame(x, self.container)
-        z = x
+        chain = self._call = ChainCall(self.container, self.scheme, self.config, x, self.batch_dim,
+                                       tuple(self.observers), torch.compiler.is_compiling())
+        chain_step.enter(chain, x, plan.blocks[0].path)
         for index, block in enumerate(plan.blocks):
-            state = None
-            if frame.reversible:
-                state = record_step(self.blocks[index], block.path, list(enumerate(block_sides[index])),
-                                    lambda i, b=block: b.side_inputs[i].name)
-            z = frame.step(index, block.path, rebind(index), block_sides[index],
-                           [p for p in self.blocks[index].parameters() if p.requires_grad], False, state,
-                           any(s.random for s in block.steps))
-        joined = frame.finish()
-        return z if joined is None else joined
-
-    # ------------------------------------------------------------------ both
-    def _run_steps(self, frame: ChainFrame, index: int, x: torch.Tensor, steps: list[tuple[StepFunction, str, bool]],
-                   sides: list[tuple[int, torch.Tensor]], name_of: Callable[[int], str]) -> torch.Tensor:
-        for j, (function, path, random) in enumerate(steps):
-            last = index == len(self.blocks) - 1 and j == len(steps) - 1
-            x = self._run_step(frame, x, function, path, random, last, index, sides, name_of)
-        return x
-
-    def _run_step(self, frame: ChainFrame, x: torch.Tensor, function: StepFunction, path: str, random: bool,
-                  last: bool, index: int, sides: list[tuple[int, torch.Tensor]],
-                  name_of: Callable[[int], str]) -> torch.Tensor:
-        k = len(frame.steps)
-        state = record_step(self.blocks[index], self.block_paths[index], sides, name_of) if frame.reversible else None
-        frame.steps.append(StepRecord(path, random))
-        frame.stream = x
-        step = _Step(frame, k, function, state)
-        anchor = x.new_empty(0)  # on x's device: checkpoint keeps that device's RNG state
-        if frame.reversible:
-            with checkpoint.set_checkpoint_early_stop(False):  # the rebuild needs the step's whole output
-                link = checkpoint.checkpoint(step, anchor, use_reentrant=False, preserve_rng_state=random)
-        else:
-            link = step(anchor)
-        out = _StreamUpdate.apply(frame.prev, link, frame, k, last)
-        frame.prev, frame.stream = x, None
+            module = self.blocks[index]
+            named = list(enumerate(block_sides[index]))
+            for observer in chain.observers:
+                observer.block_called(chain, index, named)
+            params = [p for p in module.parameters() if p.requires_grad]
+            guard = record_step(module, block.path, named, lambda i, b=block: b.side_inputs[i].name) \
+                if chain.reversible and not chain.compiled else None
+            last_block = index == len(plan.blocks) - 1
+            steps = block.steps if self.scheme.original_at_inference else [_Chained(block.steps)]
+            for j, step in enumerate(steps):
+                path = block.path if len(steps) == 1 else f"{block.path} (sublayer {j})"
+                source = StepSource(module, self.originals[index], path, self.slots[index], False, graph=step)
+                chain_step.run_step(chain, source, block_sides[index], params, guard, step.random,
+                                    last_block and j == len(steps) - 1)
+        self._call = None
+        out = chain_step.stream(chain)
+        chain.finish_forward()
         return out
 
 
-def _planned_step(step: StepGraph, block: nn.Module, sides: list[torch.Tensor], rebuild: Callable | None,
-                  stream: torch.Tensor) -> tuple[torch.Tensor, Callable | None]:
-    """A planned step as a step function: its output, and the block's output structure (last step)."""
-    return step(block, stream, sides), rebuild
+class _Chained:
+    """A block's planned steps run one after the other: the whole block as one step (inference forms and
+    schemes that take whole blocks)."""
+
+    def __init__(self, steps: list):
+        self.steps = steps
+        self.random = any(step.random for step in steps)
+
+    def __call__(self, block: nn.Module, stream: torch.Tensor, sides: list[torch.Tensor]) -> torch.Tensor:
+        for step in self.steps:
+            stream = step(block, stream, sides)
+        return stream
 
 
 class BDIAChain(nn.Module):
@@ -515,7 +368,7 @@ class BDIAChain(nn.Module):
     the chain runtime, the same one the eager converted model runs (see ``docs/design.md``).
 
     The rewritten graph is the training graph of the captured call (its dropout ops, shapes and
-    call pattern are the capture's); in ``.eval()`` the node runs the γ = 0 chain of the same steps.
+    call pattern are the capture's); in ``.eval()`` the node runs the inference form of the same steps.
     """
 
     def __init__(self, runtime: ChainRuntime, plan: ChainPlan):
@@ -528,6 +381,13 @@ class BDIAChain(nn.Module):
     def extra_repr(self) -> str:
         steps = sum(len(b.steps) for b in self.plan.blocks)
         return f"chain '{self.plan.container}': {len(self.plan.blocks)} blocks, {steps} steps"
+
+
+def _untraceable_forwards(block_paths: tuple[str, ...], blocks: list[nn.Module]) -> list[str]:
+    """Submodules of the blocks whose forward a compiled backward cannot replay as the compiled forward ran."""
+    return [f"{path}.{name}" if name else path for path, block in zip(block_paths, blocks)
+            for name, module in block.named_modules()
+            if f"{os.sep}kernels{os.sep}" in getattr(getattr(type(module).forward, "__code__", None), "co_filename", "")]
 
 
 def _same_stream(x: torch.Tensor, out: torch.Tensor) -> bool:

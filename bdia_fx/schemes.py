@@ -26,6 +26,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -40,12 +41,27 @@ Reads = Sequence["torch.Tensor | None"]
 
 @dataclass(frozen=True)
 class Shear:
-    """``part[target] ← sign · part[target] + Q[increment(parts)]``; ``increment`` must not read its target
-    (it receives ``None`` there)."""
+    """``part[target] ← σ · part[target] + Q[increment(parts)]``; ``increment`` must not read its target
+    (it receives ``None`` there).
+
+    ``σ = sign`` (±1: a shear, undone with no side information), or with ``halving`` ``σ = sign / 2``
+    per sample (``sign`` an int8 ±1 tensor broadcasting over the part: BDIA's γ), whose codes
+    ``sign · (code >> 1)`` drop one bit per element, the *side bit* the inverse needs. ``exact`` =
+    ``(j, multiplier)`` adds ``multiplier · part[j]``, a term on the grid whose codes are exact
+    (``multiplier · code(part[j])``, no rounding; ``multiplier`` an int or int8 tensor). ``odeint``
+    takes plain shears only.
+    """
 
     target: int
     increment: Callable[[Reads], torch.Tensor]
-    sign: int = 1
+    sign: int | torch.Tensor = 1
+    halving: bool = False
+    exact: tuple[int, int | torch.Tensor] | None = None
+
+    @property
+    def scale(self) -> int | torch.Tensor:
+        """σ as a number or tensor to multiply a gradient with (straight-through for Q)."""
+        return self.sign * 0.5 if self.halving else self.sign
 
 
 # ---------------------------------------------------------------- shears on codes
@@ -139,8 +155,76 @@ def float_shears(shears: Sequence[Shear], values: Sequence[torch.Tensor]) -> lis
     return values
 
 
-# ---------------------------------------------------------------- the scheme interface
-class Scheme(ABC):
+# ---------------------------------------------------------------- the chain stepping interface
+class BlockMap(Protocol):
+    """One block (or sublayer) of a chain as a map of the stream, as the runtime hands it to a scheme."""
+
+    def output(self, z: torch.Tensor) -> torch.Tensor:
+        """F(z): the block's output stream (a residual block's z + h(z))."""
+
+    def increment(self, z: torch.Tensor) -> torch.Tensor:
+        """h(z): what the block adds to the stream (a branch module's own output)."""
+
+
+Quantizer = Callable[[torch.Tensor], torch.Tensor]
+"""Q on stream values, as an inference form applies it (the runtime's, or the reverse pass's graph node)."""
+
+
+class ChainScheme(ABC):
+    """How a chain of blocks steps: the one interface the chain runtime, ``revert`` and ONNX export run.
+
+    A chain's state is ``parts`` (fixed-point codes of ``code_dtype``, part 0 starts as the stream
+    x_0 = Q[x_in], the others at zero). Chain step n (one block, or one sublayer) is a list of
+    :class:`Shear` updates (:meth:`chain_updates`), each exactly invertible from the state after it
+    (with ``side_bits`` per element where it halves); after step n the stream the parent sees is part
+    :meth:`stream_part`. The runtime does the rest the same way for every scheme: fixed-point codes,
+    the reversible backward (undo each update from the top, recomputing its increment once for both
+    the inverse and the vector–Jacobian product), the stored reference, the checks. The inference
+    form (eval, ``revert``, ONNX) is :meth:`infer_start` / :meth:`infer_step` / :meth:`infer_stream`;
+    ``original_at_inference`` says its unquantized form is the original model itself (BDIA at γ = 0).
+    ``takes_signs``: step n receives a sign per sample (±1; γ = sign/2 for BDIA), drawn per call.
+    """
+
+    name: str
+    parts: tuple[str, ...]
+    side_bits: int = 0
+    code_dtype: torch.dtype = torch.int64
+    takes_signs: bool = False
+    original_at_inference: bool = False
+
+    @property
+    def code_limit(self) -> int:
+        """|code| bound that keeps every integer step inside ``code_dtype``."""
+        return fp.CODE_LIMIT if self.code_dtype == torch.int32 else fp.WIDE_CODE_LIMIT
+
+    @abstractmethod
+    def chain_updates(self, n: int, block: BlockMap, sign: torch.Tensor | None) -> list[Shear]:
+        """The updates of chain step n (``sign``: step n's signs, when :attr:`takes_signs`)."""
+
+    def stream_part(self, n: int) -> int:
+        """The part holding the stream after chain step n."""
+        return 0
+
+    @abstractmethod
+    def infer_start(self, x: torch.Tensor, frac_bits: int, quantize: Quantizer | None) -> list:
+        """The inference state at the chain's input ``x`` (``quantize``: the quantized form)."""
+
+    @abstractmethod
+    def infer_step(self, n: int, state: list, block: BlockMap, frac_bits: int, quantize: Quantizer | None,
+                   dtype: torch.dtype) -> list:
+        """Chain step n of the inference form (``dtype``: the stream's)."""
+
+    @abstractmethod
+    def infer_stream(self, state: list, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
+        """The stream the parent sees in an inference state."""
+
+    def traceable_inference(self, quantized: bool) -> bool:
+        """Whether the inference form runs on stream values alone, so the reverse pass can put it on a graph."""
+        return True
+
+
+# ---------------------------------------------------------------- shear schemes
+class Scheme(ChainScheme):
     """A reversible one-step scheme written as shears (see Note: [shears]).
 
     ``parts`` names the state it carries (part 0 is the solution); ``order`` is its claimed order
@@ -172,6 +256,31 @@ class Scheme(ABC):
     def float_step(self, f: Field, t: float, h: float, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """One step on float values without quantization: the scheme's inference form."""
         return float_shears(self.step(f, t, h), values)
+
+    # as a chain scheme: block n is the vector field of step n, f_n(t, z) = h_n(z), step size 1 from t = n
+    def chain_updates(self, n: int, block: BlockMap, sign: torch.Tensor | None = None) -> list[Shear]:
+        def field(t: float, z: torch.Tensor) -> torch.Tensor:
+            return block.increment(z)
+        return (self.start(field, 0.0) if n == 0 else []) + self.step(field, float(n), 1.0)
+
+    def infer_start(self, x: torch.Tensor, frac_bits: int, quantize: Quantizer | None) -> list:
+        parts = [x] + [torch.zeros_like(x) for _ in self.parts[1:]]
+        return [fp.codes_unchecked(p, frac_bits) for p in parts] if quantize is not None else parts
+
+    def infer_step(self, n: int, state: list, block: BlockMap, frac_bits: int, quantize: Quantizer | None,
+                   dtype: torch.dtype) -> list:
+        if quantize is None:
+            return float_shears(self.chain_updates(n, block), state)
+        for shear in self.chain_updates(n, block):
+            state = shear_codes(shear, state, frac_bits, dtype)
+        return state
+
+    def infer_stream(self, state: list, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
+        codes = isinstance(state[0], torch.Tensor) and not state[0].is_floating_point()  # graph values are floats
+        return read(state[0], frac_bits, dtype) if codes else state[0]
+
+    def traceable_inference(self, quantized: bool) -> bool:
+        return not quantized  # the quantized form runs on int64 codes
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, order {self.order})"
@@ -325,59 +434,49 @@ class ReversibleRK(Scheme):
 
 
 # ---------------------------------------------------------------- BDIA in the interface's terms
-class BDIAScheme:
-    """BDIA (seeds 000–002), the default scheme of :func:`bdia_fx.convert`, in the interface's terms; the
-    chain runtime (:mod:`bdia_fx.frame`, :mod:`bdia_fx.runtime`) runs its steps through these methods.
+class BDIAScheme(ChainScheme):
+    """BDIA (seeds 000–002), the default scheme of :func:`bdia_fx.convert`.
 
-    State (x_k, x_{k−1}); step k from the block output f_k = f_k(x_k) and γ = sign/2 per sample:
-    x_{k+1} = Q[γx_{k−1}] + Q[v_k], v_k = (1+γ)f_k − 2γx_k (step 0: x_1 = Q[f_0]). Exact inverse:
-    x_{k−1} from x_{k+1}, Q[v_k] and one side bit per element (the low bit of x_{k−1}'s code, which
-    the halving drops), so it stores ``side_bits = 1`` per element per step. Inference form γ = 0:
-    x_{k+1} = Q[f_k(x_k)], the original block up to Q. Not a shear scheme (Q[γx_{k−1}] halves a
-    part), so :func:`bdia_fx.odeint` does not take it. The fixed-point arithmetic is
-    :mod:`bdia_fx.fixed_point`'s (int32 codes, range checked by the caller).
+    State (x_{k−1}, x_k) in two parts whose roles alternate: step n updates the part holding x_{n−1}
+    by one *halving* shear, ``x_{n+1} = Q[γx_{n−1}] + Q[(1+γ)F(x_n) − 2γx_n]`` with γ = sign/2 per
+    sample (the −2γx_n term exact: ``−sign · code(x_n)``), so the stream is part (n+1) mod 2. Step 0
+    fills the empty part: x_1 = Q[F(x_0)]. Exact inverse with one side bit per element per step (the
+    low code bit the halving drops). Inference at γ = 0: x_{n+1} = Q[F(x_n)], the original block up
+    to Q (the original model without Q). int32 codes (:data:`fixed_point.CODE_LIMIT`). Not a shear
+    scheme, so :func:`bdia_fx.odeint` does not take it.
     """
 
     name = "bdia"
-    order = 1
-    parts = ("x_k", "x_{k-1}")
+    parts = ("x_even", "x_odd")
     side_bits = 1
+    code_dtype = torch.int32
+    takes_signs = True
+    original_at_inference = True
 
-    @staticmethod
-    def update(f: torch.Tensor, x_codes: torch.Tensor | None, sign: torch.Tensor | None,
-               coefficient: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes of Q[v_k] from f_k and x_k's codes (step 0: ``sign`` None, Q[f_0]); and their range."""
-        return fp.update_codes(f, x_codes, sign, coefficient)
+    def chain_updates(self, n: int, block: BlockMap, sign: torch.Tensor | None) -> list[Shear]:
+        if n == 0:
+            return [Shear(1, lambda p: block.output(p[0]))]
+        read, target = n % 2, (n + 1) % 2
+        gamma = 0.5 * sign
 
-    @staticmethod
-    def forward(below: torch.Tensor, update: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-        """x_{k+1}'s codes from x_{k−1}'s and Q[v_k]'s."""
-        return fp.bdia_forward(below, update, sign)
+        def update(p: Reads) -> torch.Tensor:
+            out = block.output(p[read])
+            return out * (1.0 + gamma.to(fp.compute_dtype(out.dtype)))
+        return [Shear(target, update, sign=sign, halving=True, exact=(read, -sign))]
 
-    @staticmethod
-    def side(below: torch.Tensor) -> torch.Tensor:
-        """What the step stores: x_{k−1}'s low code bits, packed eight to a byte."""
-        return fp.pack_side_bits(below)
+    def stream_part(self, n: int) -> int:
+        return (n + 1) % 2
 
-    @staticmethod
-    def inverse(above: torch.Tensor, update: torch.Tensor, sign: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
-        """x_{k−1}'s codes from x_{k+1}'s, Q[v_k]'s and the stored side bits, bit for bit."""
-        return fp.bdia_inverse(above, update, sign, fp.unpack_side_bits(side, update.shape))
+    def infer_start(self, x: torch.Tensor, frac_bits: int, quantize: Quantizer | None) -> list:
+        return [quantize(x) if quantize is not None else x]
 
-    @staticmethod
-    def update_gradients(grad: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Straight-through gradients of g = ∂L/∂x_{k+1} w.r.t. f_k and x_k (through Q[v_k])."""
-        return fp.update_grads(grad, gamma)
+    def infer_step(self, n: int, state: list, block: BlockMap, frac_bits: int, quantize: Quantizer | None,
+                   dtype: torch.dtype) -> list:
+        out = block.output(state[0])
+        return [quantize(out) if quantize is not None else out]
 
-    @staticmethod
-    def below_gradient(grad: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        """Straight-through gradient of g = ∂L/∂x_{k+1} w.r.t. x_{k−1} (through Q[γx_{k−1}])."""
-        return fp.half_term_grad(grad, gamma)
-
-    @staticmethod
-    def inference(f: torch.Tensor, frac_bits: int) -> torch.Tensor:
-        """The inference step at γ = 0: Q[f_k(x_k)]."""
-        return fp.quantize(f, frac_bits)
+    def infer_stream(self, state: list, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
+        return state[0]
 
     def __repr__(self) -> str:
         return "BDIAScheme('bdia', order 1, 1 side bit)"
@@ -394,12 +493,21 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (AsyncLeapfrog(), Composition(A
 
 
 def scheme_of(scheme: str | Scheme) -> Scheme:
-    """A :class:`Scheme` from itself or its name; ValueError naming the known ones otherwise."""
+    """A shear :class:`Scheme` (what ``odeint`` integrates with) from itself or its name; ValueError
+    naming the known ones otherwise."""
     if isinstance(scheme, Scheme):
         return scheme
     if scheme == "bdia" or isinstance(scheme, BDIAScheme):
         raise ValueError("BDIA is not a shear scheme (it stores one side bit per element per step): it runs as "
-                         f"bdia_fx.convert's chain runtime, not here; pass one of {sorted(SCHEMES)}")
+                         f"bdia_fx.convert's chain scheme, not here; pass one of {sorted(SCHEMES)}")
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be a Scheme or one of {sorted(SCHEMES)}, got {scheme!r}")
     return SCHEMES[scheme]
+
+
+def chain_scheme_of(scheme: str | ChainScheme) -> ChainScheme:
+    """The :class:`ChainScheme` a chain runs: ``"bdia"``, a shear scheme's name, or a scheme object
+    (any :class:`ChainScheme`, e.g. one defined outside bdia_fx)."""
+    if isinstance(scheme, ChainScheme):
+        return scheme
+    return BDIA if scheme == "bdia" else scheme_of(scheme)

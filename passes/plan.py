@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from bdia_fx.calls import structure_of
 from bdia_fx.errors import ConversionError
 from bdia_fx.passes.capture import capture
 from bdia_fx.passes.chains import BLOCK_META_KEY
@@ -185,8 +186,9 @@ class _TensorCall(nn.Module):
         for slot, tensor in zip(self.tensor_slots, tensors):
             leaves[slot] = tensor
         args, kwargs = tree_unflatten(leaves, self.spec)
-        out_leaves, out_spec = tree_flatten(self.original.forward(self.block, *args, **kwargs))
-        stream = self.output_slot(out_leaves, out_spec)
+        out = self.original.forward(self.block, *args, **kwargs)
+        out_leaves, out_spec = tree_flatten(out)
+        stream = self.output_slot(out_leaves, structure_of(out))
         # Other tensors the block returns (e.g. attention weights) are unused by the parent for this
         # call pattern (the chain pass refuses blocks with any other value leaving them): None stands in.
         self.record(index=stream, spec=out_spec,

@@ -17,19 +17,19 @@ from bdia_fx.errors import ConversionError
 from bdia_fx.fixed_point import quantize as quantize_fn
 from bdia_fx.passes.plan import ChainPlan, ModelPlan, copy_graph, owned_graph_module
 from bdia_fx.passes.rewrite import CHAIN_META_KEY, QUANT_META_KEY, safe_name
-from bdia_fx.scheme_form import SchemeForm
-from bdia_fx.schemes import Scheme
+from bdia_fx.schemes import ChainScheme
 
 REVERT_META_KEY = "bdia_reverted"
 
 
 def revert_chains(gm: fx.GraphModule, plan: ModelPlan, quantize: bool, frac_bits: int,
-                  schemes: dict[str, Scheme] | None = None) -> fx.GraphModule:
-    """A copy of the rewritten graph ``gm`` with every BDIA chain node replaced by its γ = 0 block chain.
+                  schemes: dict[str, ChainScheme]) -> fx.GraphModule:
+    """A copy of the rewritten graph ``gm`` with every chain node replaced by its scheme's inference form.
 
-    A chain in ``schemes`` (container → scheme, ``BDIAConfig(scheme=...)``) becomes the scheme's float
-    inference form instead: its shears traced onto the graph, each vector-field evaluation a fresh copy
-    of the block's nodes (the float form only: ``quantize`` must be False for such chains).
+    ``schemes``: container → the chain's scheme. The form is traced onto the graph with fx proxies, each
+    block evaluation a fresh copy of the block's nodes and every Q a ``quantize`` node; a scheme whose
+    unquantized form is the original model (BDIA at γ = 0) gives the captured graph back. Only forms on
+    stream values can be traced (:meth:`~bdia_fx.schemes.ChainScheme.traceable_inference`).
 
     Raises :class:`ConversionError` if ``gm`` has no chain node (it was not made by the rewrite pass).
     """
@@ -46,47 +46,50 @@ def revert_chains(gm: fx.GraphModule, plan: ModelPlan, quantize: bool, frac_bits
         elif CHAIN_META_KEY in node.meta:
             chain = chains[node.meta[CHAIN_META_KEY].container]
             sides = {side.name: env[arg.name] for side, arg in zip(chain.side_inputs, node.args[1:])}
-            x = env[node.args[0].name]
-            if chain.container in (schemes or {}):
-                env[node.name] = _scheme_form(graph, chain, {**env, **sides}, x, schemes[chain.container])
-                continue
-            for index, block in enumerate(chain.blocks):
-                inner: dict[str, fx.Node] = {**env, **sides, block.stream_in.name: x}
-                for original in block.nodes:
-                    copied = graph.node_copy(original, lambda n, _inner=inner: _inner[n.name])
-                    copied.meta[REVERT_META_KEY] = (chain.container, index)
-                    inner[original.name] = copied
-                x = inner[block.stream_out.name]
-                if quantize:
-                    x = _quantized(graph, x, chain.container, frac_bits, safe_name(block.path))
-            env[node.name] = x
+            env[node.name] = _inference_form(graph, chain, {**env, **sides}, env[node.args[0].name],
+                                             schemes[chain.container], quantize, frac_bits)
         else:
             env[node.name] = graph.node_copy(node, lambda n: env[n.name])
     graph.lint()
     return owned_graph_module(graph, "BDIARevertedGraph", gm)
 
 
-def _scheme_form(graph: fx.Graph, chain: ChainPlan, env: dict[str, fx.Node], x: fx.Node, scheme: Scheme) -> fx.Node:
-    """The scheme's float form of ``chain`` on ``graph`` from stream ``x`` (the shears traced with fx proxies)."""
+class _TracedBlock:
+    """A planned block as a map of graph values: every call copies the block's nodes onto the graph."""
+
+    def __init__(self, graph: fx.Graph, tracer: fx.proxy.GraphAppendingTracer, chain: ChainPlan, index: int,
+                 env: dict[str, fx.Node]):
+        self.graph, self.tracer, self.chain, self.index, self.env = graph, tracer, chain, index, env
+
+    def output(self, z: fx.Proxy) -> fx.Proxy:
+        block = self.chain.blocks[self.index]
+        inner = {**self.env, block.stream_in.name: z.node}
+        for original in block.nodes:
+            copied = self.graph.node_copy(original, lambda n: inner[n.name])
+            copied.meta[REVERT_META_KEY] = (self.chain.container, self.index)
+            inner[original.name] = copied
+        return fx.Proxy(inner[block.stream_out.name], self.tracer)
+
+    def increment(self, z: fx.Proxy) -> fx.Proxy:
+        return self.output(z) - z
+
+
+def _inference_form(graph: fx.Graph, chain: ChainPlan, env: dict[str, fx.Node], x: fx.Node, scheme: ChainScheme,
+                    quantize: bool, frac_bits: int) -> fx.Node:
+    """The scheme's inference form of ``chain`` on ``graph`` from stream ``x``."""
     tracer = fx.proxy.GraphAppendingTracer(graph)
+    if quantize:  # the chain's input is quantized already (the rewrite's quantize node)
+        labels = iter([safe_name(b.path) for b in chain.blocks])
 
-    def block_map(index: int):
-        block = chain.blocks[index]
-
-        def run(z: fx.Proxy) -> fx.Proxy:
-            inner = {**env, block.stream_in.name: z.node}
-            for original in block.nodes:
-                copied = graph.node_copy(original, lambda n: inner[n.name])
-                copied.meta[REVERT_META_KEY] = (chain.container, index)
-                inner[original.name] = copied
-            return fx.Proxy(inner[block.stream_out.name], tracer)
-        return run
-
-    form = SchemeForm(chain.container, scheme, 0, False, len(chain.blocks))
-    z = fx.Proxy(x, tracer)
-    for index, block in enumerate(chain.blocks):
-        z = form.step(index, z, block_map(index), False, block.path)
-    return z.node
+        def q(value: fx.Proxy) -> fx.Proxy:
+            return fx.Proxy(_quantized(graph, value.node, chain.container, frac_bits, next(labels)), tracer)
+    else:
+        q = None
+    dtype = x.meta["val"].dtype if "val" in x.meta else None
+    state = scheme.infer_start(fx.Proxy(x, tracer), frac_bits, None)
+    for index in range(len(chain.blocks)):
+        state = scheme.infer_step(index, state, _TracedBlock(graph, tracer, chain, index, env), frac_bits, q, dtype)
+    return scheme.infer_stream(state, frac_bits, dtype).node
 
 
 def _quantized(graph: fx.Graph, x: fx.Node, container: str, frac_bits: int, label: str) -> fx.Node:

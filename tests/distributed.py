@@ -100,14 +100,14 @@ def ddp_gammas_and_gradients(rank: int, make_batch: Callable[[], tuple]) -> dict
     torch.manual_seed(1)  # the same global seed on both ranks
     with observing(drawn, FramesSeen()) as seen:
         drawn(half)
-    gammas = seen.frames[0].gammas
-    signs = torch.cat([gammas.sign(k).flatten() for k in range(1, len(seen.frames[0].steps))])
+    call = seen.frames[0]
+    signs = torch.cat([call.sign(k).flatten() for k in range(1, len(call.steps))])
     torch.manual_seed(0)
     model = TinyGPT(layers=3)
     ddp = DistributedDataParallel(bdia_fx.convert(model, (half,), config=bdia_fx.BDIAConfig(gammas=(0.5,))))
     ddp.train()
     ddp(half).pow(2).mean().backward()
-    return {"seed": gammas.seed, "signs": signs, "grads": {n: p.grad for n, p in model.named_parameters()}}
+    return {"seed": int(call.seed), "signs": signs, "grads": {n: p.grad for n, p in model.named_parameters()}}
 
 
 def fsdp_mixed_precision(rank: int, make_batch: Callable[[], tuple]) -> dict[str, Any]:

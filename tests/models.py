@@ -233,3 +233,44 @@ def residual_sequential(depth: int = 3, d: int = 32) -> nn.Sequential:
     wrappers = [Residual(PreNorm(d, module)) for _ in range(depth)
                 for module in (SelfAttention(d), feed_forward(d))]
     return nn.Sequential(nn.Linear(8, d), *wrappers)
+
+
+class NanoGPTBlock(nn.Module):
+    """nanoGPT's block: x + attn(ln_1 x), then + mlp(ln_2 x), causal attention by SDPA."""
+
+    def __init__(self, d: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in self.c_attn(x).split(d, dim=2))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                                       is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(b, t, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT's model: token and position embeddings, a ModuleList ``h`` of blocks, ``ln_f``, a tied head."""
+
+    def __init__(self, vocab: int = 64, d: int = 32, heads: int = 4, layers: int = 4, max_len: int = 64,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(max_len, d)
+        self.h = nn.ModuleList(NanoGPTBlock(d, heads, dropout) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))

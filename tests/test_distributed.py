@@ -44,7 +44,7 @@ def test_fsdp2_mixed_precision_trains_a_bfloat16_stream_exactly(tmp_path):
 def test_ddp_ranks_draw_their_own_gamma_and_average_to_single_process_gradients(tmp_path):
     make_batch = functools.partial(_batch, (32, 8), 50)
     results = run_on_two_ranks(ddp_gammas_and_gradients, tmp_path, make_batch)
-    assert (results[1]["seed"] - results[0]["seed"]) % 2**62 == 0x9E3779B9  # same global seed, offset by the rank
+    assert results[1]["seed"] == results[0]["seed"]  # the same global seed; the rank enters each sign's hash
     assert results[0]["signs"].shape == results[1]["signs"].shape == (2 * 16,)  # steps 1, 2 x 16 samples
     assert not torch.equal(results[0]["signs"], results[1]["signs"])
     torch.manual_seed(0)

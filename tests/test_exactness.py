@@ -14,9 +14,9 @@ def test_every_rebuilt_input_is_bit_exact_with_dropout(device):
     model = TinyGPT(layers=12, dropout=0.2).to(device)
     ids = torch.randint(0, 50, (3, 10), device=device)
     report = bdia_fx.check_exactness(bdia_fx.convert(model, (ids,)), (ids,))
-    assert report.exact and len(report.blocks) == 11  # x_10 … x_0
-    assert [b.block for b in report.blocks] == [f"blocks.{k}" for k in range(11)]
-    assert all(b.elements == 3 * 10 * 32 and b.max_code_error == 0 for b in report.blocks)
+    assert report.exact and len(report.blocks) == 12  # the state (x_{k-1}, x_k) before each block, k = 11 … 0
+    assert [b.block for b in report.blocks] == [f"blocks.{k}" for k in range(12)]
+    assert all(b.elements == 2 * 3 * 10 * 32 and b.max_code_error == 0 for b in report.blocks)
     assert "bit-exact" in str(report)
 
 
@@ -25,7 +25,7 @@ def test_a_non_deterministic_block_shows_up_as_code_errors():
     x = torch.randn(4, 8)
     conv = bdia_fx.convert(Stack([PythonRandomBlock() for _ in range(4)]), (x,))
     report = bdia_fx.check_exactness(conv, (x.requires_grad_(),))
-    assert not report.exact and len(report.blocks) == 3
+    assert not report.exact and len(report.blocks) == 4
     assert report.blocks[-1].mismatched > 0 and "NOT exact" in str(report)
 
 

@@ -62,19 +62,18 @@ def test_gamma_is_drawn_per_sample_on_the_batch_dim():
     runtime = state_of(conv).runtimes["layers"]
     assert runtime.batch_dim == 1
     conv.train()
-    gammas = conv(x).grad_fn.frame.gammas  # the chain call's frame, on the last stream update's autograd node
-    signs = [gammas.sign(k) for k in (1, 2)]
+    call = conv(x).grad_fn.spec.call  # the chain call, on the last update's autograd node
+    signs = [call.sign(k) for k in (1, 2)]
     assert all(s.shape == (1, 16, 1) and s.dtype == torch.int8 for s in signs)
     assert set(torch.cat(signs).unique().tolist()) == {-1, 1}
     assert not torch.equal(signs[0], signs[1])
-    gammas.release(1)
-    assert torch.equal(gammas.sign(1), signs[0])  # drawn again (in backward) from the chain's seed: the same
+    assert torch.equal(call.sign(1), signs[0])  # drawn again (in backward) from the chain's seed: the same
 
 
 class _FirstStepCodes(ChainObserver):
-    def stream_codes(self, frame, k, codes, rebuilt):
-        if k == 1 and not rebuilt:
-            self.codes = codes.clone()
+    def state_codes(self, call, n, codes, rebuilt):
+        if n == 1 and not rebuilt:
+            self.codes = codes[call.scheme.stream_part(0)].clone()
 
 
 @pytest.mark.parametrize("gammas", [(0.5,), (-0.5,), (-0.5, 0.5)])
@@ -190,7 +189,7 @@ def test_sublayer_granularity_gradients_equal_stored_reference(case):
     per_block = 1 if "parallel" in case else 2  # attention and MLP; a parallel-residual block is one step
     with observing(rev, FramesSeen()) as seen:
         rev(*args, **kwargs)
-    paths = [step.path for step in seen.frames[0].steps]
+    paths = seen.frames[0].steps
     assert len(paths) == per_block * len(runtime.blocks)
     assert paths[-1] == f"{runtime.block_paths[-1]} (sublayer {per_block - 1})"
 
@@ -225,7 +224,7 @@ def test_sublayer_backward_rebuilds_every_step_input_bit_exactly():
     ids = torch.randint(0, 50, (3, 8))
     conv = bdia_fx.convert(model, (ids,), config=BDIAConfig(granularity="sublayer"))
     report = bdia_fx.check_exactness(conv, (ids,))
-    assert report.exact and len(report.blocks) == 2 * 6 - 1
+    assert report.exact and len(report.blocks) == 2 * 6  # the state before every step
     assert report.blocks[0].block == "blocks.0 (sublayer 0)"
 
 

@@ -152,29 +152,10 @@ def test_bad_arguments_name_themselves():
         sc.Composition(sc.AsyncLeapfrog(), weights=(0.5, 0.4))
 
 
-def test_bdia_in_the_interface_inverts_its_step_bit_for_bit():
-    """BDIA as the chain runtime runs it (bdia_fx.schemes.BDIA): forward, side bits, inverse."""
-    from bdia_fx.schemes import BDIA
-
-    generator = torch.Generator().manual_seed(0)
-    for shape, frac_bits in [((3, 5), 9), ((2, 4, 7), 12), ((1, 9), 4)]:
-        below = torch.randint(-2**20, 2**20, shape, generator=generator, dtype=torch.int32)
-        x = torch.randint(-2**20, 2**20, shape, generator=generator, dtype=torch.int32)
-        sign = (torch.randint(2, (shape[0],) + (1,) * (len(shape) - 1), generator=generator) * 2 - 1).to(torch.int8)
-        f = torch.randn(shape, generator=generator) * 50
-        update, _ = BDIA.update(f, x, sign, (1.0 + 0.5 * sign.float()) * 2.0**frac_bits)
-        above = BDIA.forward(below, update, sign)
-        assert torch.equal(BDIA.inverse(above, update, sign, BDIA.side(below)), below)
-        assert not torch.equal(BDIA.inverse(above, update, -sign, BDIA.side(below)), below)
-    assert BDIA.side_bits == 1 and BDIA.parts == ("x_k", "x_{k-1}")
-
-
 def test_bdia_is_the_default_chain_scheme_and_odeint_refuses_it():
-    from bdia_fx.frame import ChainFrame
-    from bdia_fx.schemes import BDIA
+    from bdia_fx.schemes import BDIA, chain_scheme_of
 
     assert bdia_fx.BDIAConfig(scheme=BDIA).scheme == "bdia" == bdia_fx.BDIAConfig().scheme
-    frame = ChainFrame("c", torch.zeros(2, 3), bdia_fx.BDIAConfig(), 0, ())
-    assert frame.scheme is BDIA
+    assert chain_scheme_of("bdia") is BDIA and chain_scheme_of("alf") is sc.SCHEMES["alf"]
     with pytest.raises(ValueError, match="not a shear scheme"):
         bdia_fx.odeint(lambda t, z: -z, torch.ones(2), torch.tensor([0.0, 1.0]), scheme="bdia")

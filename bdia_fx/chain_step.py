@@ -1,0 +1,379 @@
+"""One chain step of a training call: its updates forward, and their reversible backward.
+
+Every scheme's step is a list of updates ``p_t ← σ·p_t + Q[g(p_j, j ≠ t)]`` (:class:`bdia_fx.schemes.Shear`).
+:func:`run_step` runs them the one way all chains train:
+
+- ``mode="reversible"``: the increment g is computed under ``no_grad`` and handed to
+  :class:`UpdateStep`, an autograd Function that does the fixed-point update and saves nothing per
+  element but the packed side bits of a halving update (and, at the chain's last update, the final
+  codes). Its backward receives the codes of the state after it, recomputes g once with gradients
+  from the rebuilt parts, undoes the update bit for bit and takes the vector–Jacobian product
+  (straight-through for Q): σ·g to the target, Jᵀg to the parts g read, to the call's side inputs
+  and to the block's parameters, which are inputs of the Function (so DDP and FSDP see them, and
+  ``.grad`` accumulates as for any module).
+- ``mode="stored"``: the same arithmetic under ordinary autograd (the reference the tests compare
+  with); without autograd, the codes alone.
+
+Note: [code carriers]. The state's codes travel between updates as one tensor, all parts stacked
+and viewed as floats of the code width (int32 → float32, int64 → float64): a Function output in
+forward, and in backward its *gradient* is the rebuilt state, handed from each update's backward to
+the one below it. That is how the rebuild flows down without any side channel, so the same code runs
+eagerly and traced by ``torch.compile`` (whose graphs can carry no Python state between backward
+nodes); the bit views are only ever copied, never computed with. In eager code the backward reads
+what the forward recorded (guards, RNG and autocast state) from the call's objects; under compile
+the graph fixes module state and the autograd version counters of the saved parameters guard them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils.checkpoint as checkpoint
+
+from bdia_fx import fixed_point as fp
+from bdia_fx.block_maps import StepSource
+from bdia_fx.errors import ConversionError, ReversibilityError
+from bdia_fx.frame import ChainCall, recomputing
+from bdia_fx.guards import StepState
+from bdia_fx.schemes import Reads, Shear
+
+_FLOAT_VIEW = {torch.int32: torch.float32, torch.int64: torch.float64}
+
+
+# ---------------------------------------------------------------- the update on codes (pure)
+def round_increment(g: torch.Tensor, u: Shear, codes: Sequence[torch.Tensor], frac_bits: int,
+                    code_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The update codes b = round(2^l · g) (+ the exact term's codes), and g·2^l rounded (float, for the range)."""
+    rounded = (g.to(fp.compute_dtype(g.dtype)) * 2.0**frac_bits).round()
+    b = rounded.to(code_dtype)
+    if u.exact is not None:
+        part, multiplier = u.exact
+        b = b + codes[part] * multiplier
+    return b, rounded
+
+
+def apply_update(u: Shear, before: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The target's codes after the update, and (halving) the side bits it drops, packed."""
+    if u.halving:
+        return fp.half_term(before, u.sign).add_(b), fp.pack_side_bits(before)
+    return (before + b if isinstance(u.sign, int) and u.sign == 1 else before * u.sign + b), None
+
+
+def undo_update(u: Shear, after: torch.Tensor, b: torch.Tensor, bits: torch.Tensor | None) -> torch.Tensor:
+    """The target's codes before the update, bit for bit."""
+    if u.halving:
+        return fp.bdia_inverse(after, b, u.sign, fp.unpack_side_bits(bits, after.shape))
+    return after - b if isinstance(u.sign, int) and u.sign == 1 else (after - b) * u.sign
+
+
+def _stack(codes: Sequence[torch.Tensor], target: int, new: torch.Tensor) -> torch.Tensor:
+    return torch.stack([new if i == target else c for i, c in enumerate(codes)])
+
+
+def _range(t: torch.Tensor) -> torch.Tensor:
+    return fp.value_range(t).to(torch.float64)
+
+
+def _check_range(call: ChainCall, direction: str, kind: str, where: str, t: torch.Tensor) -> None:
+    """A range check: recorded for one host read (eager), or a graph assert (compiled)."""
+    if not call.compiled:
+        call.checks.record(direction, kind, where, _range(t))
+        return
+    limit = call.scheme.code_limit
+    finite = torch.isfinite(t).all() if t.is_floating_point() else True
+    inside = t.abs().amax() < limit if t.numel() else True
+    torch._assert_async(torch.as_tensor(finite) & torch.as_tensor(inside),
+                        f"bdia_fx: [module '{where}'] the stream left the exact fixed-point range or became "
+                        f"non-finite ({direction}, {kind}); run eagerly for the full reason")
+
+
+# ---------------------------------------------------------------- the reversible update
+@dataclass
+class UpdateSpec:
+    """The non-tensor inputs of one :class:`UpdateStep` (constants of a compiled graph)."""
+
+    call: ChainCall
+    n: int          # the chain step
+    index: int      # the update within the step
+    source: StepSource
+    parts: int
+    last: bool      # the chain's last update: it saves the final codes
+    target: int
+    halving: bool
+    read_grads: tuple[bool, ...]  # per part: whether its value needs a gradient
+    n_sides: int
+    n_params: int
+    params: list[torch.Tensor]  # eager: the forward's parameter objects (compiled: saved tensors)
+    guard: StepState | None
+    random_state: tuple | None
+    checked: bool   # the update runs the block: its recompute is checksummed (verify)
+
+
+class UpdateStep(torch.autograd.Function):
+    """One update of a reversible chain (see the module docstring and Note: [code carriers]).
+
+    Inputs: the spec and the update (non-tensor), the increment g computed under ``no_grad``, the
+    target part's value, the carrier, the γ seed, then the values of the other parts, the call's
+    side inputs and the block's parameters. Outputs: the target's new value, the new carrier.
+    """
+
+    @staticmethod
+    def forward(ctx, spec: UpdateSpec, u: Shear, g: torch.Tensor, target: torch.Tensor, carrier: torch.Tensor,
+                seed: torch.Tensor | None, *inputs: torch.Tensor):
+        ctx.set_materialize_grads(False)
+        call = spec.call
+        codes = carrier.view(call.code_dtype)
+        b, rounded = round_increment(g, u, codes, call.frac_bits, call.code_dtype)
+        new, bits = apply_update(u, codes[spec.target], b)
+        where = spec.source.path
+        _check_range(call, "forward", "update", where, rounded)
+        _check_range(call, "forward", "stream", where, new)
+        out_carrier = _stack(codes, spec.target, new).view(_FLOAT_VIEW[call.code_dtype])
+        n_reads = spec.parts - 1
+        sides = inputs[n_reads:n_reads + spec.n_sides]
+        saved = [bits, fp.checksum(b) if spec.checked and call.verify else None, seed,
+                 out_carrier if spec.last else None]
+        params = inputs[n_reads + spec.n_sides:] if call.compiled else ()
+        ctx.save_for_backward(*saved, *sides, *params)
+        ctx.spec = spec
+        return fp.from_codes(new, call.frac_bits, call.dtype), out_carrier
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor | None, grad_carrier: torch.Tensor | None):
+        spec = ctx.spec
+        call = spec.call
+        where = spec.source.path
+        if not call.compiled:
+            if torch.is_grad_enabled():
+                raise ConversionError(
+                    "a reversible chain does not support higher-order gradients (create_graph=True: gradient "
+                    "penalties, double backward); convert with BDIAConfig(mode='stored') for them", module=where)
+            if spec.guard is not None:
+                spec.guard.check()  # before the saved tensors' own version checks, which name no block
+            call.check_backward_at_end()
+        bits, forward_sum, seed, top, *rest = ctx.saved_tensors
+        sides = rest[:spec.n_sides]
+        params = rest[spec.n_sides:] if call.compiled else spec.params
+        if spec.last:
+            after = top
+        elif grad_carrier is None:
+            raise ReversibilityError(
+                f"the forward of chain '{call.container}' ended after this step, before the chain's last block: a "
+                "reversible chain rebuilds its inputs from the last block's output, so the parent must call every "
+                "block of the chain in each training call (layer dropping and early exits need "
+                "BDIAConfig(mode='stored'))", module=where)
+        else:
+            after = grad_carrier
+        codes = list(after.view(call.code_dtype).unbind(0))
+        if grad is None:
+            grad = torch.zeros(codes[0].shape, dtype=call.dtype, device=codes[0].device)
+        reads = [None if i == spec.target else
+                 fp.from_codes(c, call.frac_bits, call.dtype).requires_grad_(spec.read_grads[i])
+                 for i, c in enumerate(codes)]
+        fresh_sides = [s.detach().requires_grad_(s.requires_grad) for s in sides]
+        sign = call.sign(spec.n, seed)
+        u = call.scheme.chain_updates(spec.n, spec.source.bind(fresh_sides), sign)[spec.index]
+        with _replaying(spec, call):
+            if call.compiled:
+                g, vjp = _vjp(spec, call, sign, reads, fresh_sides, params)
+            else:
+                with torch.enable_grad():
+                    g = u.increment(reads)
+        b, rounded = round_increment(g.detach(), u, codes, call.frac_bits, call.code_dtype)
+        if forward_sum is not None:
+            mismatch = (fp.checksum(b) != forward_sum).any()
+            if call.compiled:
+                torch._assert_async(~mismatch, f"bdia_fx: [module '{where}'] the backward recompute of this block "
+                                               "differs from its forward (checksum of its update codes)")
+            else:
+                call.checks.record("backward", "checksum", where, mismatch)
+        _check_range(call, "backward", "update", where, rounded)
+        before = undo_update(u, codes[spec.target], b, bits)
+        codes[spec.target] = before
+        if spec.n == 0 and spec.index == 0 and call.verify:  # the bottom: extra parts back to zero
+            extra = torch.stack([c.abs().amax() for i, c in enumerate(codes) if i != 0]).amax() != 0
+            if call.compiled:
+                torch._assert_async(~extra, f"bdia_fx: [module '{where}'] the backward did not return the "
+                                            "scheme's extra parts to zero")
+            else:
+                call.checks.record("backward", "zero", where, extra)
+        if spec.index == 0:
+            for observer in call.observers:
+                observer.state_codes(call, spec.n, torch.stack(codes), rebuilt=True)
+        grad_carrier = torch.stack(codes).view(_FLOAT_VIEW[call.code_dtype])
+        # the vector–Jacobian product of g (straight-through for Q)
+        wanted = [r for r in reads if r is not None and r.requires_grad] + \
+            [s for s in fresh_sides if s.requires_grad] + [p for p in params if p.requires_grad]
+        if call.compiled:
+            read_g, side_g, param_g = vjp(grad.to(g.dtype))
+        elif g.requires_grad and wanted:  # g may be wider than the stream (BDIA rounds (1+γ)F in float32)
+            found = iter(torch.autograd.grad(g, wanted, grad.to(g.dtype), allow_unused=True))
+            read_g = [None if r is None or not r.requires_grad else next(found) for r in reads]
+            side_g = [next(found) if s.requires_grad else None for s in fresh_sides]
+            param_g = [next(found) if p.requires_grad else None for p in params]
+        else:
+            read_g, side_g, param_g = [None] * len(reads), [None] * len(sides), [None] * len(params)
+        if u.exact is not None:
+            part, multiplier = u.exact
+            term = grad * (multiplier.to(grad.dtype) if isinstance(multiplier, torch.Tensor) else multiplier)
+            read_g[part] = term if read_g[part] is None else read_g[part] + term
+        scale = u.scale
+        grad_target = grad * (scale.to(grad.dtype) if isinstance(scale, torch.Tensor) else scale)
+        read_g = [g_ for i, g_ in enumerate(read_g) if i != spec.target]
+        return (None, None, None, grad_target, grad_carrier, None, *read_g, *side_g, *param_g)
+
+
+def _vjp(spec: UpdateSpec, call: ChainCall, sign: torch.Tensor | None, reads: Reads,
+         sides: list[torch.Tensor], params: Sequence[torch.Tensor]):
+    """g recomputed with ``torch.func.vjp`` (traceable), and the pullback to (reads, sides, params);
+    side inputs that need no gradient (masks, position tables) are held fixed."""
+    positions = [i for i, r in enumerate(reads) if r is not None]
+    trained = [i for i, s in enumerate(sides) if s.requires_grad]
+
+    def increment(read_values, side_values, param_values):
+        bound_sides = list(sides)
+        for i, v in zip(trained, side_values):
+            bound_sides[i] = v
+        u = call.scheme.chain_updates(spec.n, spec.source.bind(bound_sides, param_values), sign)[spec.index]
+        values: list[torch.Tensor | None] = [None] * len(reads)
+        for i, v in zip(positions, read_values):
+            values[i] = v
+        return u.increment(values)
+
+    g, pullback = torch.func.vjp(increment, [reads[i] for i in positions], [sides[i] for i in trained], list(params))
+
+    def vjp(grad: torch.Tensor):
+        read_g, side_g, param_g = pullback(grad)
+        full: list[torch.Tensor | None] = [None] * len(reads)
+        for i, v in zip(positions, read_g):
+            full[i] = v
+        full_sides: list[torch.Tensor | None] = [None] * len(sides)
+        for i, v in zip(trained, side_g):
+            full_sides[i] = v
+        return full, full_sides, list(param_g)
+    return g, vjp
+
+
+@contextlib.contextmanager
+def _replaying(spec: UpdateSpec, call: ChainCall) -> Iterator[None]:
+    """The recompute's context in eager code: the forward's module state and objects, its random state
+    (``torch.utils.checkpoint``'s device-state helpers) and autocast state; ``is_recomputing()``."""
+    if call.compiled:
+        yield
+        return
+    autocast = contextlib.nullcontext() if call.autocast is None else \
+        torch.autocast(call.autocast[0], dtype=call.autocast[2], enabled=call.autocast[1])
+    with (spec.guard.replay() if spec.guard is not None else contextlib.nullcontext()), \
+            _random(spec.random_state), autocast, recomputing():
+        yield
+
+
+def random_state(like: torch.Tensor) -> tuple:
+    """The CPU generator's state and that of ``like``'s accelerator (checkpoint's own helpers)."""
+    devices, states = checkpoint.get_device_states(like) if like.device.type != "cpu" else ([], [])
+    return torch.get_rng_state(), devices, states, like.device.type
+
+
+@contextlib.contextmanager
+def _random(state: tuple | None) -> Iterator[None]:
+    if state is None:
+        yield
+        return
+    cpu, devices, states, device_type = state
+    with torch.random.fork_rng(devices=devices, device_type=device_type if devices else "cuda"):
+        torch.set_rng_state(cpu)
+        if devices:
+            checkpoint.set_device_states(devices, states, device_type=device_type)
+        yield
+
+
+def random_state_bytes(state: tuple | None) -> int:
+    """Bytes of a recorded random state (kept outside autograd's saved tensors)."""
+    if state is None:
+        return 0
+    cpu, _, states, _ = state
+    return cpu.numel() * cpu.element_size() + sum(s.numel() * s.element_size() for s in states)
+
+
+# ---------------------------------------------------------------- one chain step
+def enter(call: ChainCall, x: torch.Tensor, where: str) -> None:
+    """x_0 = Q[x_in] (straight-through gradient) starts the chain's state: part 0, the others zero
+    (``where``: the first block, named if x_in is out of range)."""
+    code0, stats = fp.to_codes(x.detach(), call.frac_bits, call.code_dtype)
+    if call.compiled:
+        _check_range(call, "forward", "entry", where, code0)
+    else:
+        call.checks.record("forward", "entry", where, stats.to(torch.float64))
+    x0 = fp.from_codes(code0, call.frac_bits, call.dtype)
+    if call.autograd:
+        x0 = x + (x0 - x).detach()
+    zeros = torch.zeros_like(code0)
+    codes = [code0] + [zeros for _ in call.scheme.parts[1:]]
+    call.values = [x0] + [torch.zeros_like(x0) for _ in call.scheme.parts[1:]]
+    if call.reversible:
+        call.carrier = torch.stack(codes).view(_FLOAT_VIEW[call.code_dtype])
+    else:
+        call.codes = codes
+    for observer in call.observers:
+        observer.state_codes(call, 0, torch.stack(codes), rebuilt=False)
+
+
+def run_step(call: ChainCall, source: StepSource, sides: list[torch.Tensor], params: list[torch.Tensor],
+             guard: StepState | None, random: bool, last: bool) -> Any:
+    """Run chain step n = ``len(call.steps)`` (the block or sublayer ``source`` with these side inputs)
+    forward; returns the step's map (it holds the block's output structure)."""
+    n = len(call.steps)
+    call.steps.append(source.path)
+    block = source.bind(sides)
+    scheme = call.scheme
+    updates = scheme.chain_updates(n, block, call.sign(n))
+    for index, u in enumerate(updates):
+        is_last = last and index == len(updates) - 1
+        reads: list[torch.Tensor | None] = [None if i == u.target else v for i, v in enumerate(call.values)]
+        if call.reversible:
+            state = random_state(call.values[0]) if random and not call.compiled else None
+            call.random_bytes += random_state_bytes(state)
+            before = block.calls
+            with torch.no_grad():
+                g = u.increment(reads)
+            spec = UpdateSpec(call, n, index, source, len(call.values), is_last, u.target, u.halving,
+                              tuple(v.requires_grad for v in call.values), len(sides), len(params),
+                              [] if call.compiled else params, guard, state, block.calls > before)
+            others = [v for i, v in enumerate(call.values) if i != u.target]
+            value, call.carrier = UpdateStep.apply(spec, u, g, call.values[u.target], call.carrier, call.seed,
+                                                   *others, *sides, *params)
+        else:
+            if call.autograd:  # gradients summed in the order the reversible backward sums them: the block's
+                # uses of a part first (one alias), then the exact term (the outer alias), then the part's own
+                reads = [None if r is None else r.view_as(r) for r in reads]
+            g = u.increment([None if r is None else r.view_as(r) for r in reads] if call.autograd else reads)
+            b, rounded = round_increment(g.detach(), u, call.codes, call.frac_bits, call.code_dtype)
+            new, _ = apply_update(u, call.codes[u.target], b)
+            _check_range(call, "forward", "update", source.path, rounded)
+            _check_range(call, "forward", "stream", source.path, new)
+            call.codes = [new if i == u.target else c for i, c in enumerate(call.codes)]
+            value = fp.from_codes(new, call.frac_bits, call.dtype)
+            if call.autograd:  # the stored reference: the same numbers, straight-through gradients
+                scale = u.scale
+                expression = call.values[u.target] * (scale.to(g.dtype) if isinstance(scale, torch.Tensor)
+                                                      else scale) + g
+                if u.exact is not None:
+                    part, multiplier = u.exact
+                    expression = expression + reads[part] * (
+                        multiplier.to(g.dtype) if isinstance(multiplier, torch.Tensor) else multiplier)
+                value = value + (expression - expression.detach()).to(value.dtype)
+        call.values[u.target] = value
+    if call.observers:
+        codes = call.carrier.view(call.code_dtype) if call.reversible else torch.stack(call.codes)
+        for observer in call.observers:
+            observer.state_codes(call, n + 1, codes, rebuilt=False)
+    return block
+
+
+def stream(call: ChainCall) -> torch.Tensor:
+    """The stream after the last step run: the part the scheme says."""
+    return call.values[call.scheme.stream_part(len(call.steps) - 1)]
