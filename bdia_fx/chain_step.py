@@ -42,6 +42,7 @@ from bdia_fx.guards import StepState
 from bdia_fx.schemes import Reads, Shear
 
 _FLOAT_VIEW = {torch.int32: torch.float32, torch.int64: torch.float64}
+_CODE_OF = {float_dtype: code_dtype for code_dtype, float_dtype in _FLOAT_VIEW.items()}
 
 
 # ---------------------------------------------------------------- the update on codes (pure)
@@ -159,7 +160,7 @@ class UpdateStep(torch.autograd.Function):
         sides = rest[:spec.n_sides]
         params = rest[spec.n_sides:] if call.compiled else spec.params
         if spec.last:
-            after = top
+            after = _tied_to(top, grad) if call.compiled and grad is not None else top
         elif grad_carrier is None:
             raise ReversibilityError(
                 f"the forward of chain '{call.container}' ended after this step, before the chain's last block: a "
@@ -225,6 +226,16 @@ class UpdateStep(torch.autograd.Function):
         grad_target = grad * (scale.to(grad.dtype) if isinstance(scale, torch.Tensor) else scale)
         read_g = [g_ for i, g_ in enumerate(read_g) if i != spec.target]
         return (None, None, None, grad_target, grad_carrier, None, *read_g, *side_g, *param_g)
+
+
+def _tied_to(carrier: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``carrier``, made data-dependent on the chain's output gradient. Note: [tied to the tangent]:
+    under compile the whole walk down depends on forward values only, so AOTAutograd's partitioner
+    would move it into the forward graph and save the blocks' activations for the pullbacks; an
+    integer ``& 0`` of one gradient element (not folded away) keeps the walk in the backward."""
+    word = carrier.view(_CODE_OF[carrier.dtype])
+    token = torch.isnan(grad.reshape(-1)[:1]).to(word.dtype) & 0
+    return (word | token).view(carrier.dtype)
 
 
 def _vjp(spec: UpdateSpec, call: ChainCall, sign: torch.Tensor | None, reads: Reads,
