@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from bdia_fx.calls import BlockCall, StreamSlots, split_output
+from bdia_fx.errors import ConversionError
 
 
 class CallMap:
@@ -95,6 +96,9 @@ class StepSource:
     def bind(self, sides: Sequence[torch.Tensor], params: Sequence[torch.Tensor] | None = None) -> CallMap | PlannedMap:
         """The step's map with these side inputs (and, under compile, parameters) in place."""
         if self.graph is not None:
+            if params is not None:
+                raise ConversionError("a planned sublayer step runs its captured graph, which cannot take other "
+                                      "parameter tensors (it trains eagerly only)", module=self.path)
             return PlannedMap(self, list(sides))
         leaves = list(self.skeleton)
         for i, t in zip(self.positions, sides):

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -159,8 +160,8 @@ class ChainRuntime:
     def compile_blocker(self) -> str | None:
         """Why ``torch.compile`` cannot trace this chain's calls now (the module calling its blocks then runs
         eagerly behind a boundary, :class:`bdia_fx.module_tree.CompileBoundary`), or None when it can:
-        eval calls always can; training calls unless they plan sublayers at run time or draw random
-        numbers a compiled recompute could not replay."""
+        eval calls always can; training calls unless they plan sublayers at run time, run forwards of the
+        ``kernels`` package, or draw random numbers a compiled recompute could not replay."""
         if not any(b.training for b in self.blocks):
             return None
         if self.config.granularity != "block":
@@ -325,8 +326,12 @@ class ChainRuntime:
                                     False, graph=_Chained(steps))
                 out = self.form.step(index, out, source.bind(block_sides[index]), False, block.path)
             return out
+        return self._train_plan(plan, x, block_sides)
+
+    @torch.compiler.disable  # planned steps run their graphs, which torch.func cannot rebind to parameters
+    def _train_plan(self, plan: ChainPlan, x: torch.Tensor, block_sides: list[list[torch.Tensor]]) -> torch.Tensor:
         chain = self._call = ChainCall(self.container, self.scheme, self.config, x, self.batch_dim,
-                                       tuple(self.observers), torch.compiler.is_compiling())
+                                       tuple(self.observers), compiled=False)
         chain_step.enter(chain, x, plan.blocks[0].path)
         for index, block in enumerate(plan.blocks):
             module = self.blocks[index]
@@ -335,7 +340,7 @@ class ChainRuntime:
                 observer.block_called(chain, index, named)
             params = [p for p in module.parameters() if p.requires_grad]
             guard = record_step(module, block.path, named, lambda i, b=block: b.side_inputs[i].name) \
-                if chain.reversible and not chain.compiled else None
+                if chain.reversible else None
             last_block = index == len(plan.blocks) - 1
             steps = block.steps if self.scheme.original_at_inference else [_Chained(block.steps)]
             for j, step in enumerate(steps):
@@ -384,10 +389,16 @@ class BDIAChain(nn.Module):
 
 
 def _untraceable_forwards(block_paths: tuple[str, ...], blocks: list[nn.Module]) -> list[str]:
-    """Submodules of the blocks whose forward a compiled backward cannot replay as the compiled forward ran."""
+    """Submodules of the blocks whose forward is defined in the ``kernels`` package (Hugging Face hub
+    kernels wrap forwards with ``functools.wraps``, so only the code's file tells): a compiled backward
+    cannot replay them as the compiled forward ran."""
+    kernels = sys.modules.get("kernels")
+    if getattr(kernels, "__file__", None) is None:
+        return []
+    package = os.path.dirname(kernels.__file__) + os.sep
     return [f"{path}.{name}" if name else path for path, block in zip(block_paths, blocks)
             for name, module in block.named_modules()
-            if f"{os.sep}kernels{os.sep}" in getattr(getattr(type(module).forward, "__code__", None), "co_filename", "")]
+            if getattr(getattr(type(module).forward, "__code__", None), "co_filename", "").startswith(package)]
 
 
 def _same_stream(x: torch.Tensor, out: torch.Tensor) -> bool:

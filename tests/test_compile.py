@@ -164,3 +164,14 @@ def test_compiled_the_chain_saves_what_eager_saves_not_the_blocks_activations():
     eager = saved_activation_bytes(conv, lambda: _loss(conv(ids)))
     traced = saved_activation_bytes(compiled, lambda: _loss(compiled(ids)))
     assert traced <= 1.3 * eager < 0.2 * saved_activation_bytes(compiled_plain, lambda: _loss(compiled_plain(ids)))
+
+
+def test_the_converted_graph_compiled_trains_its_chain_eagerly_with_eager_gradients():
+    # its planned steps run captured graphs, which the compiled recompute could not rebind to parameters
+    conv, _, ids = _compiled_nanogpt()
+    graph = bdia_fx.graph_of(conv)
+    params = list(conv.parameters())
+    want_loss, want = _step(graph, params, ids, {})
+    loss, got = _step(torch.compile(graph, backend="aot_eager"), params, ids, {})
+    assert torch.equal(loss, want_loss)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
