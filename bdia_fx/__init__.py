@@ -6,10 +6,12 @@ the graph passes, ``bdia_fx.passes``) does not import the rest of it (the chain 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from bdia_fx import legacy
+from bdia_fx.lazy import lazy_names
+
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "BDIAConfig": "bdia_fx.config",
@@ -22,48 +24,35 @@ _EXPORTS = {
     "check_exactness": "bdia_fx.exactness",
     "convert": "bdia_fx.conversion",
     "find_chains": "bdia_fx.conversion",
-    "is_converted": "bdia_fx.conversion",
+    "is_converted": "bdia_fx.converted",
     "report_of": "bdia_fx.conversion",
     "OnnxCheck": "bdia_fx.export",
     "OnnxExport": "bdia_fx.export",
     "export_onnx": "bdia_fx.export",
     "verify_onnx": "bdia_fx.export",
-    "is_recomputing": "bdia_fx.frame",
+    "is_recomputing": "bdia_fx.run.frame",
     "odeint": "bdia_fx.ode",
+    "pam": "bdia_fx.pam",
     "estimate_saved_bytes": "bdia_fx.memory",
     "saved_activation_bytes": "bdia_fx.memory",
-    "PAMReport": "bdia_fx.passes.pam",
-    "pam": "bdia_fx.pam_model",
-    "pam_graph_of": "bdia_fx.pam_model",
-    "pam_report_of": "bdia_fx.pam_model",
     "graph_of": "bdia_fx.reversal",
     "revert": "bdia_fx.reversal",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'bdia_fx' has no attribute '{name}'")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS)
+legacy.install()
 
 
 if TYPE_CHECKING:
+    from bdia_fx import pam
     from bdia_fx.config import BDIAConfig
-    from bdia_fx.conversion import convert, find_chains, is_converted, report_of
+    from bdia_fx.conversion import convert, find_chains, report_of
+    from bdia_fx.converted import is_converted
     from bdia_fx.errors import ConversionError, ExportError, FixedPointRangeError, ReversibilityError
     from bdia_fx.exactness import ExactnessReport, check_exactness
     from bdia_fx.export import OnnxCheck, OnnxExport, export_onnx, verify_onnx
-    from bdia_fx.frame import is_recomputing
     from bdia_fx.memory import estimate_saved_bytes, saved_activation_bytes
     from bdia_fx.ode import odeint
-    from bdia_fx.pam_model import pam, pam_graph_of, pam_report_of
-    from bdia_fx.passes.pam import PAMReport
     from bdia_fx.report import ChainReport
     from bdia_fx.reversal import graph_of, revert
+    from bdia_fx.run.frame import is_recomputing

@@ -22,6 +22,10 @@ from torch.utils._pytree import SUPPORTED_NODES, TreeSpec, keystr, tree_flatten,
 
 from bdia_fx.errors import ConversionError
 
+__all__ = ["BlockCall", "StreamSlots", "call_pattern", "describe_call", "describe_leaf", "example_args",
+           "first_float_leaf", "leaf_name", "recording_block_calls", "split_call", "split_output", "stream_slots",
+           "structure_of"]
+
 
 def describe_leaf(value: Any, shapes: bool) -> Any:
     """What of a call leaf selects a capture or a plan: a tensor's dtype and rank (with ``shapes``:
@@ -228,3 +232,13 @@ def stream_slots(paths: tuple[str, ...], calls: dict[str, list[_Recorded]]) -> l
             and last.out_structure == before_last.out_structure):
         slots[-1].outputs.update(slots[-2].outputs)
     return slots
+
+
+def example_args(example_inputs: Any) -> tuple:
+    """Example positional arguments as a tuple (a bare tensor is one argument)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError(f"example_inputs must be a tuple of positional arguments (or one tensor), "
+                    f"got {type(example_inputs).__name__}")

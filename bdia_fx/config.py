@@ -7,6 +7,8 @@ from typing import Literal
 
 from bdia_fx.schemes import BDIA, SCHEMES, ChainScheme
 
+__all__ = ["BDIAConfig"]
+
 _ALLOWED_GAMMAS = (-0.5, 0.5)
 
 
@@ -41,7 +43,8 @@ class BDIAConfig:
             :class:`~bdia_fx.schemes.ChainScheme` (the stepping interface; one defined outside bdia_fx
             too). For a shear scheme block k is the vector field of step k
             (step size 1) and the chain is integrated with that scheme, exactly invertible with no side
-            bits. Its inference form is the scheme's own step, which *changes the model* (unlike BDIA at γ = 0); ``revert`` and ``export_onnx`` emit that form.
+            bits. Its inference form is the scheme's own step, which *changes the model* (unlike BDIA
+            at γ = 0); ``revert`` and ``export_onnx`` emit that form.
             Block granularity only; ``gammas`` do not apply.
     """
 

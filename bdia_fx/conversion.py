@@ -1,6 +1,6 @@
 """``convert`` / ``find_chains``: capture, find chains, and install the BDIA chain runtime.
 
-Design (see README "How it works"): the converted model is a structural copy of the user's
+Design (docs/design.md, "How it works, in short"): the converted model is a structural copy of the user's
 model (same classes, same Parameter objects) whose parent modules keep running eagerly, so
 ``.train()``/``.eval()``, any batch size or sequence length and any call pattern work. The graph
 is captured with ``torch.export`` for analysis: chains are found and checked on the captured
@@ -17,11 +17,19 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 from bdia_fx import hf
-from bdia_fx.calls import StreamSlots, call_pattern, describe_call, recording_block_calls, stream_slots
+from bdia_fx.calls import (
+    StreamSlots,
+    call_pattern,
+    describe_call,
+    example_args,
+    recording_block_calls,
+    stream_slots,
+)
 from bdia_fx.config import BDIAConfig
+from bdia_fx.converted import ConvertedState, attach_state, is_converted, state_of
 from bdia_fx.errors import ConversionError
 from bdia_fx.module_tree import (
     boundary_suspended,
@@ -34,84 +42,15 @@ from bdia_fx.module_tree import (
 )
 from bdia_fx.passes.capture import capture
 from bdia_fx.passes.chains import find_chains_in_graph
-from bdia_fx.passes.plan import ModelPlan, plan_block_call, plan_model
+from bdia_fx.passes.plan import plan_block_call, plan_model
 from bdia_fx.passes.rewrite import rewrite_chains
 from bdia_fx.passes.sublayers import check_sublayers
 from bdia_fx.report import ChainReport
-from bdia_fx.runtime import BDIAChain, ChainRuntime, capture_mode, capturing
+from bdia_fx.run.runtime import BDIAChain, ChainRuntime, capture_mode, capturing
 
-_STATE_ATTR = "_bdia_state"
+__all__ = ["captured_graph", "convert", "find_chains", "report_of"]
+
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class ConvertedState:
-    """What a converted model carries: config, report, runtimes and checked call patterns."""
-
-    config: BDIAConfig
-    report: ChainReport | None = None
-    plan: ModelPlan | None = None            # the first training call's plan: both passes read it
-    graph: fx.GraphModule | None = None      # the rewritten graph (chains as BDIAChain nodes): it trains
-    runtimes: dict[str, ChainRuntime] = dataclasses.field(default_factory=dict)
-    patterns: set = dataclasses.field(default_factory=set)
-    hook_id: int | None = None  # the root forward pre-hook that plans and checks call patterns
-    takes_use_cache: bool = False  # an HF-style forward(use_cache=...): training calls get use_cache=False
-    strict: bool = True  # refuse the model if any chain is refused (False: convert the others, keep those)
-    warned: set[str] = dataclasses.field(default_factory=set)  # the one-time warnings already logged
-
-    def __getstate__(self) -> dict:
-        """Pickled without the captured graphs and checked call patterns: a loaded model captures and
-        checks its call patterns again at its first call (the graphs' node marks do not pickle)."""
-        state = dict(self.__dict__)
-        state.update(plan=None, graph=None, patterns=set())
-        return state
-
-
-def converted_state(model: nn.Module) -> ConvertedState | None:
-    """The :class:`ConvertedState` of a converted model, else None."""
-    return model.__dict__.get(_STATE_ATTR)
-
-
-def state_of(model: nn.Module) -> ConvertedState:
-    """The :class:`ConvertedState` of a converted model; ConversionError if it was not converted."""
-    state = converted_state(model)
-    if state is None:
-        raise ConversionError(f"{type(model).__name__} was not converted with bdia_fx.convert", module="")
-    return state
-
-
-def is_converted(model: nn.Module) -> bool:
-    """Whether ``model`` came out of :func:`convert`."""
-    return _STATE_ATTR in model.__dict__
-
-
-class ConvertedRepr:
-    """The ``extra_repr`` of a converted model: its class's own, then what bdia_fx made of it, so that
-    ``print(model)`` says it is converted and how (an instance attribute: the class is unchanged)."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __call__(self) -> str:
-        state = converted_state(self.model)
-        own = type(self.model).extra_repr(self.model)
-        if state is None:
-            return own
-        config = state.config
-        chains = ", ".join(f"{r.container} ({len(r.blocks)} blocks)" for r in state.runtimes.values())
-        text = (f"bdia_fx: converted ({config.mode}, granularity={config.granularity}, frac_bits={config.frac_bits}, "
-                f"gammas={config.gammas}, verify={config.verify}); "
-                f"chains: {chains or 'found at the first training call'}")
-        return f"{own}\n{text}" if own else text
-
-
-def detach_state(clone: nn.Module) -> ConvertedState:
-    """Remove the conversion state, its repr and the root hook from a structural copy of a converted model."""
-    clone.__dict__.pop("extra_repr", None)
-    state = clone.__dict__.pop(_STATE_ATTR)
-    for hooks in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"):
-        getattr(clone, hooks).pop(state.hook_id, None)
-    return state
 
 
 def find_chains(model: nn.Module, example_inputs: tuple | torch.Tensor = (),
@@ -126,7 +65,7 @@ def find_chains(model: nn.Module, example_inputs: tuple | torch.Tensor = (),
     if hf.takes_use_cache(model):  # captured as a training call: no cache (bdia_fx.hf)
         kwargs = hf.without_cache(model, kwargs, warned={"use_cache"})
     with capture_mode():
-        ep = capture(clone, _as_args(example_inputs), kwargs)
+        ep = capture(clone, example_args(example_inputs), kwargs)
     return find_chains_in_graph(ep, clone)
 
 
@@ -150,11 +89,10 @@ def convert(model: nn.Module, example_inputs: tuple | torch.Tensor = (), example
     config = config if config is not None else BDIAConfig()
     if not isinstance(config, BDIAConfig):
         raise TypeError(f"config must be a BDIAConfig, got {type(config).__name__}")
-    example_inputs = _as_args(example_inputs)
+    example_inputs = example_args(example_inputs)
     clone = shallow_clone(model)
     state = ConvertedState(config, takes_use_cache=hf.takes_use_cache(model), strict=strict)
-    clone.__dict__[_STATE_ATTR] = state
-    clone.__dict__["extra_repr"] = ConvertedRepr(clone)
+    attach_state(clone, state)
     if example_inputs or example_kwargs:
         _plan(clone, state, *_training_call(clone, state, example_inputs, dict(example_kwargs or {})))
     state.hook_id = clone.register_forward_pre_hook(_before_call, with_kwargs=True).id
@@ -164,16 +102,6 @@ def convert(model: nn.Module, example_inputs: tuple | torch.Tensor = (), example
 def _check_module(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-
-
-def _as_args(example_inputs: Any) -> tuple:
-    """Example positional arguments as a tuple (a bare tensor is one argument)."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError(f"example_inputs must be a tuple of positional arguments (or one tensor), "
-                    f"got {type(example_inputs).__name__}")
 
 
 def _training_call(model: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -10,11 +10,14 @@ from pathlib import Path
 
 from torch import fx, nn
 
-from bdia_fx.conversion import state_of
+from bdia_fx.converted import state_of
 from bdia_fx.errors import ConversionError
 from bdia_fx.passes import BLOCK_META_KEY, CHAIN_META_KEY, QUANT_META_KEY, REVERT_META_KEY
 from bdia_fx.passes.rewrite import safe_name
 from bdia_fx.reversal import graph_of, revert
+
+__all__ = ["BLOCK_COLOURS", "CHAIN_COLOUR", "OTHER_COLOUR", "QUANT_COLOUR", "SIDE_COLOUR", "block",
+           "draw_conversion", "side_input_construction"]
 
 CHAIN_COLOUR = "#f4a261"     # the BDIA chain node
 QUANT_COLOUR = "#e9c46a"     # quantization nodes

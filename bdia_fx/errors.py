@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+__all__ = ["ConversionError", "ExportError", "FixedPointRangeError", "ReversibilityError"]
+
 
 class ConversionError(RuntimeError):
     """bdia_fx refused or failed to convert or run a model.

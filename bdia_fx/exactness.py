@@ -9,11 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from bdia_fx.conversion import state_of
+from bdia_fx.converted import observing, state_of
 from bdia_fx.errors import ReversibilityError
-from bdia_fx.frame import ChainCall
 from bdia_fx.memory import default_loss
-from bdia_fx.observe import ChainObserver, observing
+from bdia_fx.run.frame import ChainCall, ChainObserver
+
+__all__ = ["BlockExactness", "ExactnessReport", "check_exactness"]
 
 
 @dataclass(frozen=True)

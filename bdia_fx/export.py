@@ -22,10 +22,12 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from bdia_fx.conversion import is_converted
+from bdia_fx.converted import is_converted
 from bdia_fx.errors import ExportError
 from bdia_fx.module_tree import infer_batch_dim, is_inference_proxy, shallow_clone
 from bdia_fx.reversal import revert, reverted_info
+
+__all__ = ["OnnxCheck", "OnnxExport", "export_onnx", "run_onnx", "verify_onnx"]
 
 
 def _gist(error: Exception) -> str:

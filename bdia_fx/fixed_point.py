@@ -17,6 +17,10 @@ import math
 
 import torch
 
+__all__ = ["CODE_LIMIT", "WIDE_CODE_LIMIT", "bdia_forward", "bdia_inverse", "checksum", "codes_unchecked",
+           "compute_dtype", "draw_seed", "exact_range", "from_codes", "gamma_signs", "half_term", "pack_side_bits",
+           "quantize", "quantize_ste", "range_problem", "to_codes", "unpack_side_bits", "value_range"]
+
 CODE_LIMIT = 2**29
 """|code| bound for the stream's codes and for the rounded block term round((1+γ)·2^l·f): with
 both below it, the update codes b = round(y) − 2γ·code(x_k) stay below 2^30, and γ(a − s) + b and

@@ -20,6 +20,8 @@ from typing import Any
 
 from torch import nn
 
+__all__ = ["CACHE_ARGUMENTS", "takes_use_cache", "turn_off_gradient_checkpointing", "without_cache"]
+
 logger = logging.getLogger(__name__)
 
 

@@ -13,10 +13,13 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from bdia_fx.calls import first_float_leaf
+from bdia_fx.converted import observing
 from bdia_fx.errors import ConversionError
 from bdia_fx.module_tree import CHECKPOINT_FORMS, original_class, proxy_class, shallow_clone
-from bdia_fx.observe import ChainObserver, observing
 from bdia_fx.report import ChainReport
+from bdia_fx.run.frame import ChainObserver
+
+__all__ = ["MemoryEstimate", "checkpoint_blocks", "default_loss", "estimate_saved_bytes", "saved_activation_bytes"]
 
 
 class _ChainStateBytes(ChainObserver):

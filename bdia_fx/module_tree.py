@@ -13,6 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
+__all__ = ["CHECKPOINT_FORMS", "CompileBoundary", "boundary_suspended", "capture_twin", "infer_batch_dim",
+           "install_boundary", "install_inference_proxy", "install_proxy", "is_inference_proxy",
+           "model_modes_suspended", "original_class", "proxy_class", "remove_boundary", "remove_proxy",
+           "shallow_clone"]
+
 logger = logging.getLogger(__name__)
 
 _HOOK_DICTS = (
@@ -124,10 +129,8 @@ def _top_function_mode() -> Any:
 
 
 def _inference_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    from bdia_fx.runtime import inference_block_forward
-
-    return inference_block_forward(self._bdia_form, self, original_class(self), args, kwargs, self._bdia_index,
-                                   self._bdia_path, self._bdia_slots, self._bdia_branch)
+    return self._bdia_form.run_block(self._bdia_index, self, original_class(self), args, kwargs, self._bdia_path,
+                                     self._bdia_slots, self._bdia_branch)
 
 
 CHECKPOINT_FORMS = {  # kind -> (early stop, reentrant)
@@ -166,9 +169,10 @@ def proxy_class(cls: type, kind: str = "bdia") -> type:
     """A subclass of ``cls`` whose ``forward`` is the ``kind`` one.
 
     ``"bdia"`` hands the call to the block's chain runtime; ``"inference"`` runs step k of a chain's
-    inference form (:class:`bdia_fx.runtime.InferenceForm`: the quantized γ = 0 step of BDIA, a shear
-    scheme's own step), as a reverted model does where it is not the original block; ``"checkpoint"`` (and the other :data:`CHECKPOINT_FORMS`) runs the original forward under
-    ``torch.utils.checkpoint`` (the baselines of comparisons).
+    inference form (:class:`bdia_fx.run.runtime.InferenceForm`: the quantized γ = 0 step of BDIA, a shear
+    scheme's own step), as a reverted model does where it is not the original block; ``"checkpoint"``
+    (and the other :data:`CHECKPOINT_FORMS`) runs the original forward under ``torch.utils.checkpoint``
+    (the baselines of comparisons).
     Proxies pickle (``torch.save``, ``copy.deepcopy``) as their original class plus the kind.
     """
     if (cls, kind) not in _PROXY_CLASSES:
@@ -193,7 +197,7 @@ def install_proxy(block: nn.Module, runtime: Any, index: int) -> None:
 class CompileBoundary:
     """The ``forward`` of the module whose code calls a chain's blocks, as ``torch.compile`` sees it.
 
-    Traced where every chain it calls can be (:meth:`bdia_fx.runtime.ChainRuntime.compile_blocker`):
+    Traced where every chain it calls can be (:meth:`bdia_fx.run.runtime.ChainRuntime.compile_blocker`):
     the chain's steps are then part of the compiled graphs. Otherwise the module runs eagerly behind
     this boundary (one graph break, however deep the chain; γ as in eager), with one log line saying
     why. Installed as an instance attribute, so the module keeps its class; it pickles.

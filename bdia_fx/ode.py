@@ -24,6 +24,8 @@ from bdia_fx import fixed_point as fp
 from bdia_fx.errors import FixedPointRangeError, ReversibilityError
 from bdia_fx.schemes import Field, Scheme, apply_shear, read, scheme_of, undo_shear
 
+__all__ = ["FRAC_BITS", "odeint"]
+
 FRAC_BITS = {torch.float32: 32, torch.float64: 40}
 """Default fractional bits by state dtype: a grid (2^-32 ≈ 2.3e-10, 2^-40 ≈ 9.1e-13) finer than the
 dtype's own spacing at |z| ≈ 1 for float32 and far below the default tolerances for float64, so

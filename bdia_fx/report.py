@@ -9,6 +9,8 @@ from typing import Any
 
 from torch import fx
 
+__all__ = ["BlockInfo", "ChainInfo", "ChainReport", "Rejection", "SideInput", "graph_summary", "write_json"]
+
 
 @dataclass(frozen=True)
 class SideInput:

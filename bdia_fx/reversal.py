@@ -7,10 +7,12 @@ import weakref
 
 from torch import fx, nn
 
-from bdia_fx.conversion import detach_state, state_of
+from bdia_fx.converted import detach_state, state_of
 from bdia_fx.errors import ConversionError
 from bdia_fx.module_tree import install_inference_proxy, remove_boundary, remove_proxy, shallow_clone
 from bdia_fx.passes.revert import revert_chains
+
+__all__ = ["RevertedInfo", "graph_of", "revert", "reverted_info"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,6 +32,11 @@ import torch
 
 from bdia_fx import fixed_point as fp
 
+__all__ = ["AsyncLeapfrog", "BDIA", "BDIAScheme", "BOGACKI_SHAMPINE", "BlockMap", "ChainScheme", "Composition",
+           "DORMAND_PRINCE", "Field", "Quantizer", "Reads", "ReversibleRK", "SCHEMES", "Scheme", "Shear",
+           "TRIPLE_JUMP", "Tableau", "apply_shear", "chain_scheme_of", "float_shears", "read", "rk_increment",
+           "scheme_of", "shear_codes", "undo_shear"]
+
 Field = Callable[[float, torch.Tensor], torch.Tensor]
 """A vector field f(t, z): time as a Python float, a state value in the solution's dtype."""
 

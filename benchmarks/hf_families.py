@@ -19,7 +19,7 @@ import torch
 import transformers
 
 import bdia_fx
-from bdia_fx.conversion import state_of
+from bdia_fx.converted import state_of
 from bdia_fx.report import write_json
 
 LAYERS = 3

@@ -44,12 +44,12 @@ VARIANTS = {"float": None, "pam-matmuls": ("linear", "matmul", "attention"),
 def variant(name: str, initial: nn.Module, args: tuple, kwargs: dict | None = None) -> nn.Module:
     model = copy.deepcopy(initial)
     ops = VARIANTS[name]
-    return model if ops is None else bdia_fx.pam(model, args, kwargs, ops=ops)
+    return model if ops is None else bdia_fx.pam.convert(model, args, kwargs, ops=ops)
 
 
 def step_products(model: nn.Module) -> int:
     """Scalar multiplications PAM replaces in one training step (see the module docstring)."""
-    report = bdia_fx.pam_report_of(model) if "_bdia_pam_state" in model.__dict__ else None
+    report = bdia_fx.pam.report_of(model) if "_bdia_pam_state" in model.__dict__ else None
     return 0 if report is None else 3 * report.forward_products()
 
 

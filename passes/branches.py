@@ -24,6 +24,8 @@ from torch import fx
 from bdia_fx.passes.nodes import is_mutating, is_random, module_paths, shape_of, side_input
 from bdia_fx.report import BlockInfo, ChainInfo, ChainReport, Rejection
 
+__all__ = ["find_branch_chains"]
+
 _ADD = torch.ops.aten.add.Tensor
 
 

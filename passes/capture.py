@@ -16,6 +16,8 @@ from torch import nn
 
 from bdia_fx.errors import ConversionError
 
+__all__ = ["capture", "training_mode"]
+
 
 @contextlib.contextmanager
 def training_mode(model: nn.Module, training: bool = True) -> Iterator[nn.Module]:

@@ -28,6 +28,8 @@ from bdia_fx.passes.nodes import (
 )
 from bdia_fx.report import BlockInfo, ChainInfo, ChainReport, Rejection
 
+__all__ = ["BLOCK_META_KEY", "find_chains_in_graph"]
+
 BLOCK_META_KEY = "bdia_block"
 
 @dataclass

@@ -8,6 +8,9 @@ from torch import fx
 
 from bdia_fx.report import SideInput
 
+__all__ = ["ADD_TARGETS", "CAST_TARGETS", "IDENTITY_TARGETS", "RESHAPE_TARGETS", "is_identity", "is_mutating",
+           "is_random", "module_paths", "shape_of", "side_input"]
+
 ADD_TARGETS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
 CAST_TARGETS = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout,
                 torch.ops.aten.contiguous.default, torch.ops.aten.clone.default, torch.ops.aten.alias.default}

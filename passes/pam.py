@@ -1,7 +1,7 @@
 """The PAM pass: which multiplications of a captured graph become piecewise-affine, and the rewrite.
 
 Analysis (:func:`analyse_pam`) reads a graph captured by :func:`bdia_fx.passes.capture.capture` and
-decides for every multiplying node: replaced by its PAM version (:data:`bdia_fx.pam_ops.IMPLEMENTATIONS`),
+decides for every multiplying node: replaced by its PAM version (:data:`bdia_fx.pam.ops.OPS`),
 left as it is (with the reason), or refused (a selected multiplication on float16/bfloat16/float64
 operands: PAM is defined on float32 bit patterns). With ``"nonlinear"`` in ops, softmax (attention's
 too), exp, rsqrt, layer norm, sigmoid, tanh, GELU and SiLU become their piecewise-affine versions.
@@ -19,23 +19,13 @@ import torch
 from torch import fx
 
 from bdia_fx.errors import ConversionError
-from bdia_fx.pam_ops import IMPLEMENTATIONS, KINDS
+from bdia_fx.pam.ops import OPS
+
+__all__ = ["ATEN_FUNCTIONS", "LEFT_REASONS", "PAMNode", "PAMReport", "PAM_META_KEY", "analyse_pam", "call_options",
+           "decide", "rewrite_pam"]
 
 PAM_META_KEY = "bdia_pam"  # node.meta key of a node the rewrite made: the function name it replaces
-ALL_OPS = ("linear", "matmul", "attention", "mul", "div")   # the default: every multiplication supported
-KNOWN_OPS = (*ALL_OPS, "nonlinear")  # "nonlinear": softmax, exp, rsqrt, layer norm, sigmoid, tanh, GELU, SiLU
-
-_aten = torch.ops.aten
-ATEN_FUNCTIONS = {  # captured ATen op -> the function name of IMPLEMENTATIONS / KINDS
-    _aten.linear.default: "linear", _aten.matmul.default: "matmul", _aten.mm.default: "mm",
-    _aten.bmm.default: "bmm", _aten.addmm.default: "addmm", _aten.baddbmm.default: "baddbmm",
-    _aten.scaled_dot_product_attention.default: "scaled_dot_product_attention",
-    _aten.mul.Tensor: "mul", _aten.mul.Scalar: "mul", _aten.div.Tensor: "div", _aten.div.Scalar: "div",
-    _aten.mul_.Tensor: "mul_", _aten.mul_.Scalar: "mul_", _aten.div_.Tensor: "div_", _aten.div_.Scalar: "div_",
-    _aten.softmax.int: "softmax", _aten._softmax.default: "softmax", _aten.exp.default: "exp",
-    _aten.rsqrt.default: "rsqrt", _aten.layer_norm.default: "layer_norm", _aten.sigmoid.default: "sigmoid",
-    _aten.tanh.default: "tanh", _aten.gelu.default: "gelu", _aten.silu.default: "silu",
-}
+ATEN_FUNCTIONS = {overload: name for name, op in OPS.items() for overload in op.aten}  # -> OPS key
 _NONLINEAR = "a nonlinearity without a piecewise-affine version here: it multiplies inside its kernel"
 LEFT_REASONS = {  # other ATen ops that multiply inside, by name, and why they stay
     **dict.fromkeys(["log", "log_softmax", "_log_softmax", "sqrt", "pow", "erf", "cos", "sin", "reciprocal"],
@@ -94,10 +84,10 @@ class PAMReport:
 
 
 def decide(function: str, result_dtype: torch.dtype, ops: Collection[str]) -> str | None:
-    """None if ``function`` (a key of IMPLEMENTATIONS) with a ``result_dtype`` result is replaced under
+    """None if ``function`` (a key of OPS) with a ``result_dtype`` result is replaced under
     ``ops``, else the reason it is left. Raises ValueError for a selected floating-point function that is
     not float32 (callers turn it into a ConversionError naming where)."""
-    kind = KINDS[function]
+    kind = OPS[function].kind
     if kind not in ops:
         return (f"'{kind}' is not in ops" if kind != "nonlinear" else
                 "multiplies inside its kernel; its piecewise-affine version needs 'nonlinear' in ops")
@@ -126,7 +116,7 @@ def analyse_pam(graph_module: fx.GraphModule, ops: Collection[str], backward: st
         module = _module_of(node)
         target = str(node.target.overloadpacket.__name__)
         function = ATEN_FUNCTIONS.get(node.target)
-        if function is None and target not in LEFT_REASONS and target not in KINDS:
+        if function is None and target not in LEFT_REASONS and target not in OPS:
             continue  # not a multiplication
         out = node.meta.get("val")
         dtype = out.dtype if isinstance(out, torch.Tensor) else torch.float32
@@ -138,7 +128,7 @@ def analyse_pam(graph_module: fx.GraphModule, ops: Collection[str], backward: st
             reason = decide(function, dtype, ops)
         except ValueError as exc:
             raise ConversionError(str(exc), module=module, node=node.name) from None
-        entry = PAMNode(node.name, target, module, KINDS[function] if reason is None else None, reason,
+        entry = PAMNode(node.name, target, module, OPS[function].kind if reason is None else None, reason,
                         _products(function, node))
         (report.replaced if reason is None else report.left).append(entry)
     return report
@@ -157,7 +147,7 @@ def rewrite_pam(graph_module: fx.GraphModule, report: PAMReport) -> fx.GraphModu
         new = graph.node_copy(node, lambda n: env[n])
         if node.name in replaced:
             function = ATEN_FUNCTIONS[node.target]
-            new.target = IMPLEMENTATIONS[function]
+            new.target = OPS[function].implementation
             new.kwargs = {**new.kwargs, **call_options(function, report.ops, report.backward)}
             new.meta[PAM_META_KEY] = function
         env[node] = new
@@ -175,7 +165,7 @@ def _products(function: str, node: fx.Node) -> int:
     out = node.meta.get("val")
     if not isinstance(out, torch.Tensor):
         return 0
-    if KINDS[function] in ("mul", "div", "nonlinear"):  # a nonlinearity counts one per output element
+    if OPS[function].kind in ("mul", "div", "nonlinear"):  # a nonlinearity counts one per output element
         return out.numel()
     if function == "scaled_dot_product_attention":
         query, key = (a.meta["val"] for a in node.args[:2])

@@ -27,6 +27,9 @@ from bdia_fx.passes.nodes import is_random
 from bdia_fx.passes.sublayers import split_steps
 from bdia_fx.report import ChainInfo, ChainReport
 
+__all__ = ["BlockPlan", "ChainPlan", "ModelPlan", "StepGraph", "copy_graph", "owned_graph_module", "plan_block_call",
+           "plan_model", "plan_steps"]
+
 
 @dataclass
 class StepGraph:

@@ -19,6 +19,8 @@ from bdia_fx.passes.plan import ChainPlan, ModelPlan, copy_graph, owned_graph_mo
 from bdia_fx.passes.rewrite import CHAIN_META_KEY, QUANT_META_KEY, safe_name
 from bdia_fx.schemes import ChainScheme
 
+__all__ = ["REVERT_META_KEY", "revert_chains"]
+
 REVERT_META_KEY = "bdia_reverted"
 
 

@@ -19,6 +19,8 @@ from bdia_fx.fixed_point import quantize_ste
 from bdia_fx.passes.chains import BLOCK_META_KEY
 from bdia_fx.passes.plan import ModelPlan, copy_graph, owned_graph_module
 
+__all__ = ["CHAIN_META_KEY", "QUANT_META_KEY", "chain_module_name", "rewrite_chains", "safe_name"]
+
 CHAIN_META_KEY = "bdia_chain"
 QUANT_META_KEY = "bdia_quantize"
 

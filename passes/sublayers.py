@@ -22,6 +22,8 @@ from bdia_fx.passes.chains import BLOCK_META_KEY, _find_skip_path
 from bdia_fx.passes.nodes import ADD_TARGETS, is_random
 from bdia_fx.report import ChainReport
 
+__all__ = ["check_sublayers", "split_steps"]
+
 
 def _stream_positions(nodes: list[fx.Node], stream_values: dict[fx.Node, int]) -> dict[fx.Node, frozenset[int]]:
     """For each of ``nodes`` (in graph order), the positions of the stream values it depends on."""

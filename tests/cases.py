@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bdia_fx.observe import ChainObserver
+from bdia_fx.run.frame import ChainObserver
 
 from models import ParentLoopViT, TinyGPT, encoder, gpt2, gptj, llama, neox, opt, residual_sequential, swin, t5, vit
 

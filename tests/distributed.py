@@ -88,7 +88,7 @@ def ddp_gammas_and_gradients(rank: int, make_batch: Callable[[], tuple]) -> dict
     from torch.nn.parallel import DistributedDataParallel
 
     import bdia_fx
-    from bdia_fx.observe import observing
+    from bdia_fx.converted import observing
 
     from cases import FramesSeen
     from models import TinyGPT

@@ -8,7 +8,7 @@ import torch
 import bdia_fx
 from bdia_fx import BDIAConfig, ConversionError
 from bdia_fx.calls import recording_block_calls, stream_slots
-from bdia_fx.conversion import state_of
+from bdia_fx.converted import state_of
 
 from cases import assert_close, grads
 from models import ResidualMLP, Stack

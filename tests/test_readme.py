@@ -1,4 +1,5 @@
-"""Every command the README shows runs: the bdia-inspect lines, the Python snippet, the set-up commands."""
+"""Every command the README and the docs pages show runs: the bdia-inspect lines (docs/guide.md), the
+README's Python snippet, the set-up commands."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+PAGES = README + "".join(page.read_text() for page in sorted((ROOT / "docs").glob("*.md")))
 BASH_BLOCKS = re.findall(r"```bash\n(.*?)```", README, re.S)
 PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
-INSPECT_LINES = [line.split("#")[0].strip() for block in BASH_BLOCKS for line in block.splitlines()
-                 if line.startswith(".venv/bin/bdia-inspect")]
+INSPECT_LINES = [line.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", PAGES, re.S)
+                 for line in block.splitlines() if line.startswith(".venv/bin/bdia-inspect")]
 
 FACTORY = '''import torch
 from torch import nn
@@ -48,7 +50,7 @@ def make_model():
 '''
 
 
-def test_the_readme_shows_inspect_commands():
+def test_the_docs_show_inspect_commands():
     assert len(INSPECT_LINES) == 5
 
 

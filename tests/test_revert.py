@@ -9,7 +9,7 @@ import torch
 
 import bdia_fx
 from bdia_fx import BDIAConfig, ConversionError
-from bdia_fx.conversion import state_of
+from bdia_fx.converted import state_of
 
 from cases import SIZED_CASES as CASES
 from cases import logits, train_a_few_steps

@@ -36,6 +36,8 @@ from bdia_fx.conversion import captured_graph
 from bdia_fx.errors import ConversionError
 from bdia_fx.report import graph_summary, write_json
 
+__all__ = ["Inputs", "TORCH_MODELS", "build", "main", "memory_table", "parse_args", "print_memory", "run"]
+
 TORCH_MODELS = ("transformer-encoder", "transformer")
 
 

@@ -13,7 +13,7 @@ stamp=.venv/.bdia-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[test,hf,onnx,viz,examples]"
+  .venv/bin/python -m pip install -q -e ".[test,hf,onnx,viz,examples,docs]"
   touch "$stamp"
 fi
 # graphviz's `dot` draws the pictures of `bdia-inspect --draw` (and its test); install it where we can.

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import bdia_fx
-from bdia_fx.conversion import state_of
+from bdia_fx.converted import state_of
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "accuracy.py"

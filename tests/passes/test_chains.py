@@ -55,7 +55,7 @@ def test_llama_blocks_read_rotary_tables_and_neox_blocks_are_parallel_residual()
 def test_the_passes_import_no_part_of_the_runtime():
     code = ("import sys, bdia_fx.passes\n"
             "loaded = sorted(m for m in sys.modules if m.startswith('bdia_fx'))\n"
-            "assert not {'bdia_fx.runtime', 'bdia_fx.frame', 'bdia_fx.conversion'} & set(loaded), loaded\n")
+            "assert not {'bdia_fx.run.runtime', 'bdia_fx.run.frame', 'bdia_fx.conversion'} & set(loaded), loaded\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
 

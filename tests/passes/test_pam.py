@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from bdia_fx.errors import ConversionError
-from bdia_fx.pam_ops import pam_linear
+from bdia_fx.pam.ops import ALL_OPS, pam_linear
 from bdia_fx.passes.capture import capture
-from bdia_fx.passes.pam import ALL_OPS, PAM_META_KEY, analyse_pam, rewrite_pam
+from bdia_fx.passes.pam import PAM_META_KEY, analyse_pam, rewrite_pam
 
 
 class Mixed(nn.Module):

@@ -9,10 +9,10 @@ from torch import nn
 
 import bdia_fx
 from bdia_fx import BDIAConfig
-from bdia_fx.conversion import state_of
+from bdia_fx.converted import state_of
 from bdia_fx.fixed_point import quantize, quantize_ste
 from bdia_fx.passes import CHAIN_META_KEY, QUANT_META_KEY, REVERT_META_KEY
-from bdia_fx.runtime import BDIAChain
+from bdia_fx.run.runtime import BDIAChain
 
 from cases import assert_close, logits
 from models import ParentLoopViT, TinyGPT, encoder, gpt2

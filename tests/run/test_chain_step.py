@@ -1,4 +1,4 @@
-"""The update on codes (bdia_fx.chain_step), checked against its formulas on integers, and the stepping
+"""The update on codes (bdia_fx.run.chain_step), checked against its formulas on integers, and the stepping
 interface from outside the package: a scheme family bdia_fx does not ship, trained and reverted exactly."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import bdia_fx
 from bdia_fx import BDIAConfig
 from bdia_fx import fixed_point as fp
-from bdia_fx.chain_step import apply_update, round_increment, undo_update
+from bdia_fx.run.chain_step import apply_update, round_increment, undo_update
 from bdia_fx.schemes import BDIA, ChainScheme, Shear
 
 from cases import assert_close, grads

@@ -6,16 +6,24 @@ other operation (the recompute replays them bit for bit: they are deterministic 
 ``exp2``/``log2`` are the bit-trick paexp2/palog2 (their derivative, a power of two, for both rules).
 The products take ``rule``: ``"approx"`` (the paper's backward, gradients by PAM of the gradient:
 dA = PAM(dY, B), dA = PAM-matmul(dY, Bᵀ)) or ``"exact"`` (the derivative of the piecewise-affine
-function, :mod:`bdia_fx.pam_math`). Operands must be float32.
+function, :mod:`bdia_fx.pam.arithmetic`). Operands must be float32.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from bdia_fx import pam_math
+from bdia_fx.pam import arithmetic
+
+__all__ = ["ALL_OPS", "KNOWN_OPS", "OPS", "PAMOp", "RULES", "div", "exp2", "log2", "matmul", "mul", "pa_exp",
+           "pa_gelu", "pa_layer_norm", "pa_rsqrt", "pa_sigmoid", "pa_silu", "pa_softmax_", "pa_tanh", "pam_addmm",
+           "pam_div", "pam_div_", "pam_linear", "pam_matmul", "pam_mul", "pam_mul_",
+           "pam_scaled_dot_product_attention"]
 
 RULES = ("approx", "exact")
 
@@ -29,21 +37,21 @@ def _check_rule(rule: str) -> None:
 def mul(a: torch.Tensor, b: torch.Tensor, rule: str) -> torch.Tensor:
     """PAM(a, b), elementwise with broadcasting."""
     _check_rule(rule)
-    return pam_math.pam_mul(a, b)
+    return arithmetic.pam_mul(a, b)
 
 
 @torch.library.custom_op("bdia_pam::div", mutates_args=())
 def div(a: torch.Tensor, b: torch.Tensor, rule: str) -> torch.Tensor:
     """PAMdiv(a, b), elementwise with broadcasting."""
     _check_rule(rule)
-    return pam_math.pam_div(a, b)
+    return arithmetic.pam_div(a, b)
 
 
 @torch.library.custom_op("bdia_pam::matmul", mutates_args=())
 def matmul(a: torch.Tensor, b: torch.Tensor, rule: str) -> torch.Tensor:
-    """Σ_k PAM(a[..., m, k], b[..., k, n]) for a (..., M, K), b (..., K, N) (:func:`pam_math.pam_matmul`)."""
+    """Σ_k PAM(a[..., m, k], b[..., k, n]) for a (..., M, K), b (..., K, N) (:func:`arithmetic.pam_matmul`)."""
     _check_rule(rule)
-    return pam_math.pam_matmul(a, b)
+    return arithmetic.pam_matmul(a, b)
 
 
 @mul.register_fake
@@ -60,14 +68,14 @@ def _matmul_fake(a: torch.Tensor, b: torch.Tensor, rule: str) -> torch.Tensor:
 
 @torch.library.custom_op("bdia_pam::exp2", mutates_args=())
 def exp2(y: torch.Tensor) -> torch.Tensor:
-    """paexp2(y) = 2^⌊y⌋ (1 + y − ⌊y⌋) by the bit trick (:func:`pam_math.pa_exp2`)."""
-    return pam_math.pa_exp2(y)
+    """paexp2(y) = 2^⌊y⌋ (1 + y − ⌊y⌋) by the bit trick (:func:`arithmetic.pa_exp2`)."""
+    return arithmetic.pa_exp2(y)
 
 
 @torch.library.custom_op("bdia_pam::log2", mutates_args=())
 def log2(x: torch.Tensor) -> torch.Tensor:
-    """palog2|x| = e + m read off the bit pattern (:func:`pam_math.pa_log2`)."""
-    return pam_math.pa_log2(x)
+    """palog2|x| = e + m read off the bit pattern (:func:`arithmetic.pa_log2`)."""
+    return arithmetic.pa_log2(x)
 
 
 @exp2.register_fake
@@ -81,11 +89,11 @@ def _save_input(ctx, inputs: tuple, output: torch.Tensor) -> None:
 
 
 def _exp2_backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # both rules: the derivative is a power of two
-    return pam_math.pam_mul(grad, pam_math.pa_exp2_slope(ctx.saved_tensors[0]))
+    return arithmetic.pam_mul(grad, arithmetic.pa_exp2_slope(ctx.saved_tensors[0]))
 
 
 def _log2_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-    return pam_math.pam_mul(grad, pam_math.pa_log2_slope(ctx.saved_tensors[0]))
+    return arithmetic.pam_mul(grad, arithmetic.pa_log2_slope(ctx.saved_tensors[0]))
 
 
 exp2.register_autograd(_exp2_backward, setup_context=_save_input)
@@ -107,26 +115,26 @@ def _save_operands_and_quotient(ctx, inputs: tuple, output: torch.Tensor) -> Non
 def _mul_backward(ctx, grad: torch.Tensor) -> tuple:
     a, b = ctx.saved_tensors
     if ctx.rule == "exact":
-        slope_a, slope_b = pam_math.pam_mul_slopes(a, b)
-        grad_a, grad_b = pam_math.pam_mul(grad, slope_a), pam_math.pam_mul(grad, slope_b)
+        slope_a, slope_b = arithmetic.pam_mul_slopes(a, b)
+        grad_a, grad_b = arithmetic.pam_mul(grad, slope_a), arithmetic.pam_mul(grad, slope_b)
     else:
-        grad_a, grad_b = pam_math.pam_mul(grad, b), pam_math.pam_mul(grad, a)
+        grad_a, grad_b = arithmetic.pam_mul(grad, b), arithmetic.pam_mul(grad, a)
     return grad_a.sum_to_size(a.shape), grad_b.sum_to_size(b.shape), None
 
 
 def _div_backward(ctx, grad: torch.Tensor) -> tuple:
     a, b, quotient = ctx.saved_tensors
     if ctx.rule == "exact":
-        slope_a, slope_b = pam_math.pam_div_slopes(a, b)
-        grad_a, grad_b = pam_math.pam_mul(grad, slope_a), pam_math.pam_mul(grad, slope_b)
+        slope_a, slope_b = arithmetic.pam_div_slopes(a, b)
+        grad_a, grad_b = arithmetic.pam_mul(grad, slope_a), arithmetic.pam_mul(grad, slope_b)
     else:  # d(a/b) = da/b − (a/b)/b db
-        grad_a, grad_b = pam_math.pam_div(grad, b), -pam_math.pam_div(pam_math.pam_mul(grad, quotient), b)
+        grad_a, grad_b = arithmetic.pam_div(grad, b), -arithmetic.pam_div(arithmetic.pam_mul(grad, quotient), b)
     return grad_a.sum_to_size(a.shape), grad_b.sum_to_size(b.shape), None
 
 
 def _matmul_backward(ctx, grad: torch.Tensor) -> tuple:
     a, b = ctx.saved_tensors
-    return (*pam_math.pam_matmul_backward(a, b, grad.contiguous(), exact=ctx.rule == "exact"), None)
+    return (*arithmetic.pam_matmul_backward(a, b, grad.contiguous(), exact=ctx.rule == "exact"), None)
 
 
 mul.register_autograd(_mul_backward, setup_context=_save_operands)
@@ -268,16 +276,38 @@ def pa_silu(input: torch.Tensor, inplace: bool = False, *, rule: str) -> torch.T
     return pam_mul(input, pa_sigmoid(input, rule=rule), rule=rule)
 
 
-IMPLEMENTATIONS = {  # function name -> its PAM version
-    "linear": pam_linear, "matmul": pam_matmul, "mm": pam_matmul, "bmm": pam_matmul,
-    "addmm": pam_addmm, "baddbmm": pam_addmm, "scaled_dot_product_attention": pam_scaled_dot_product_attention,
-    "mul": pam_mul, "div": pam_div, "mul_": pam_mul_, "div_": pam_div_,
-    "softmax": pa_softmax_, "exp": pa_exp, "rsqrt": pa_rsqrt, "layer_norm": pa_layer_norm, "sigmoid": pa_sigmoid,
-    "tanh": pa_tanh, "gelu": pa_gelu, "silu": pa_silu,
+@dataclass(frozen=True)
+class PAMOp:
+    """One multiplying function, as the PAM system knows it: the ``ops`` name that selects it, its PAM
+    version, and the captured ATen ops it stands for."""
+
+    kind: str
+    implementation: Callable[..., torch.Tensor]
+    aten: tuple[Any, ...]
+
+
+_aten = torch.ops.aten
+OPS = {  # function name (as the eager PAM model sees it) -> its one row
+    "linear": PAMOp("linear", pam_linear, (_aten.linear.default,)),
+    "matmul": PAMOp("matmul", pam_matmul, (_aten.matmul.default,)),
+    "mm": PAMOp("matmul", pam_matmul, (_aten.mm.default,)),
+    "bmm": PAMOp("matmul", pam_matmul, (_aten.bmm.default,)),
+    "addmm": PAMOp("matmul", pam_addmm, (_aten.addmm.default,)),
+    "baddbmm": PAMOp("matmul", pam_addmm, (_aten.baddbmm.default,)),
+    "scaled_dot_product_attention": PAMOp("attention", pam_scaled_dot_product_attention,
+                                          (_aten.scaled_dot_product_attention.default,)),
+    "mul": PAMOp("mul", pam_mul, (_aten.mul.Tensor, _aten.mul.Scalar)),
+    "div": PAMOp("div", pam_div, (_aten.div.Tensor, _aten.div.Scalar)),
+    "mul_": PAMOp("mul", pam_mul_, (_aten.mul_.Tensor, _aten.mul_.Scalar)),
+    "div_": PAMOp("div", pam_div_, (_aten.div_.Tensor, _aten.div_.Scalar)),
+    "softmax": PAMOp("nonlinear", pa_softmax_, (_aten.softmax.int, _aten._softmax.default)),
+    "exp": PAMOp("nonlinear", pa_exp, (_aten.exp.default,)),
+    "rsqrt": PAMOp("nonlinear", pa_rsqrt, (_aten.rsqrt.default,)),
+    "layer_norm": PAMOp("nonlinear", pa_layer_norm, (_aten.layer_norm.default,)),
+    "sigmoid": PAMOp("nonlinear", pa_sigmoid, (_aten.sigmoid.default,)),
+    "tanh": PAMOp("nonlinear", pa_tanh, (_aten.tanh.default,)),
+    "gelu": PAMOp("nonlinear", pa_gelu, (_aten.gelu.default,)),
+    "silu": PAMOp("nonlinear", pa_silu, (_aten.silu.default,)),
 }
-KINDS = {  # function name -> the ``ops`` name that selects it
-    "linear": "linear", "matmul": "matmul", "mm": "matmul", "bmm": "matmul", "addmm": "matmul",
-    "baddbmm": "matmul", "scaled_dot_product_attention": "attention", "mul": "mul", "div": "div",
-    "mul_": "mul", "div_": "div",
-    **dict.fromkeys(["softmax", "exp", "rsqrt", "layer_norm", "sigmoid", "tanh", "gelu", "silu"], "nonlinear"),
-}
+ALL_OPS = ("linear", "matmul", "attention", "mul", "div")   # the default: every multiplication supported
+KNOWN_OPS = (*ALL_OPS, "nonlinear")  # "nonlinear": softmax, exp, rsqrt, layer norm, sigmoid, tanh, GELU, SiLU

@@ -1,11 +1,12 @@
 """One training call of a chain, from its first block's forward to the end of its backward.
 
 Note: [the chain call]. Like ``torch.utils.checkpoint``'s ``_CheckpointFrame``, a :class:`ChainCall`
-is made when a call starts (block 0's forward); the chain's update Functions (:mod:`bdia_fx.chain_step`)
+is made when a call starts (block 0's forward); the chain's update Functions (:mod:`bdia_fx.run.chain_step`)
 hold it afterwards, so it lives as long as backward can still reach the chain. It holds what one
 call needs and nothing of another: the parts' values and codes while the forward runs, the γ seed,
-the step names, the autocast state to replay, and the :class:`Checks`. The long-lived
-:class:`~bdia_fx.runtime.ChainRuntime` holds only the call whose forward is running.
+the step names, the autocast state to replay, and the :class:`Checks`. What measures chain calls
+(exactness, memory) is a :class:`ChainObserver` the call reports to, off the training hot path. The long-lived
+:class:`~bdia_fx.run.runtime.ChainRuntime` holds only the call whose forward is running.
 
 Note: [one host read per direction]. In eager code, range and checksum results stay on the device
 while the chain runs; the host reads them once at the end of the chain's forward and once at the end
@@ -30,7 +31,8 @@ from bdia_fx.schemes import ChainScheme
 
 if TYPE_CHECKING:
     from bdia_fx.config import BDIAConfig
-    from bdia_fx.observe import ChainObserver
+
+__all__ = ["ChainCall", "ChainObserver", "Checks", "is_recomputing", "recomputing"]
 
 _local = threading.local()
 
@@ -57,6 +59,20 @@ def recomputing() -> Iterator[None]:
 def _rank() -> int:
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     return torch.distributed.get_rank() if distributed else 0
+
+
+class ChainObserver:
+    """Receives the events of chain calls; every method is a no-op unless overridden."""
+
+    def block_called(self, call: ChainCall, index: int, sides: list[tuple[int, torch.Tensor]]) -> None:
+        """Block ``index`` of the chain starts a training step with these side inputs (by position)."""
+
+    def state_codes(self, call: ChainCall, n: int, codes: torch.Tensor, rebuilt: bool) -> None:
+        """The codes of every part of the chain's state before chain step n (stacked): made by the
+        forward, or ``rebuilt`` by the backward's walk down."""
+
+    def forward_finished(self, call: ChainCall) -> None:
+        """The chain's forward ran its last step."""
 
 
 class Checks:
@@ -138,7 +154,7 @@ class ChainCall:
         # the forward's state: the parts' values (autograd tensors) and their codes
         self.values: list[torch.Tensor] = []
         self.codes: list[torch.Tensor] = []   # stored mode / no autograd: one tensor per part
-        self.carrier: torch.Tensor | None = None  # reversible: the stacked codes (bdia_fx.chain_step)
+        self.carrier: torch.Tensor | None = None  # reversible: the stacked codes (bdia_fx.run.chain_step)
         self.checking_backward = False  # an engine callback reads the backward checks
         self.random_bytes = 0  # the RNG states kept for replaying random steps
         # the runtime's order checks (ChainRuntime._accept / _accept_parent_add)

@@ -27,11 +27,16 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
+from bdia_fx.calls import example_args
+from bdia_fx.converted import is_converted
 from bdia_fx.errors import ConversionError
 from bdia_fx.module_tree import shallow_clone
-from bdia_fx.pam_ops import IMPLEMENTATIONS, RULES
+from bdia_fx.pam.ops import ALL_OPS, KNOWN_OPS, OPS, RULES
 from bdia_fx.passes.capture import capture
-from bdia_fx.passes.pam import ALL_OPS, KNOWN_OPS, PAMReport, analyse_pam, call_options, decide, rewrite_pam
+from bdia_fx.passes.pam import PAMReport, analyse_pam, call_options, decide, rewrite_pam
+
+__all__ = ["PAMConfig", "PAMMode", "PAMState", "TORCH_FUNCTIONS", "convert", "graph_of", "is_pam", "pam_class",
+           "pam_state", "report_of"]
 
 _STATE_ATTR = "_bdia_pam_state"
 _CONFIG_ATTR = "_bdia_pam_config"
@@ -120,7 +125,7 @@ class PAMMode(TorchFunctionMode):
             raise ConversionError(f"at run time, {exc}", module=self.where) from None
         if reason is not None:
             return func(*args, **kwargs)
-        return IMPLEMENTATIONS[function](*call, **kwargs, **call_options(function, self.config.ops,
+        return OPS[function].implementation(*call, **kwargs, **call_options(function, self.config.ops,
                                                                           self.config.backward))
 
 
@@ -191,7 +196,7 @@ def _reduce_pam_class(cls: type) -> tuple:
     return pam_class, (cls._bdia_pam_original,)
 
 
-def pam(model: nn.Module, example_inputs: tuple | torch.Tensor = (), example_kwargs: dict | None = None,
+def convert(model: nn.Module, example_inputs: tuple | torch.Tensor = (), example_kwargs: dict | None = None,
         ops: Collection[str] = ALL_OPS, backward: str = "approx") -> nn.Module:
     """Return a copy of ``model`` (sharing its parameters) whose multiplications run as PAM.
 
@@ -199,26 +204,24 @@ def pam(model: nn.Module, example_inputs: tuple | torch.Tensor = (), example_kwa
     baddbmm), ``"attention"`` (both products and the scaling of scaled-dot-product attention),
     ``"mul"`` (elementwise ``*``, including by a Python number) and ``"div"`` (``/`` as PAM division): by
     default all five. ``"nonlinear"`` (not by default) adds piecewise-affine softmax (attention's too),
-    exp, rsqrt, layer norm, sigmoid, tanh, GELU and SiLU (:mod:`bdia_fx.pam_ops`).
+    exp, rsqrt, layer norm, sigmoid, tanh, GELU and SiLU (:mod:`bdia_fx.pam.ops`).
     ``backward`` is the gradient rule of every PAM operation. The result has ``model``'s classes (PAM
     subclasses of the same names), call signature, outputs and ``state_dict()`` keys; it converts with
     :func:`bdia_fx.convert`. With example inputs the model is captured now, the report
-    (:func:`pam_report_of`) lists what was replaced and what was left and why, and a selected
+    (:func:`report_of`) lists what was replaced and what was left and why, and a selected
     multiplication on non-float32 floating-point operands raises :class:`ConversionError` naming the
     node, before anything is made. ``model`` itself is never modified.
     """
-    from bdia_fx.conversion import _as_args, is_converted
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     if is_converted(model):
         raise ConversionError("the model is already converted with bdia_fx.convert: apply pam first, "
-                              "bdia_fx.convert(bdia_fx.pam(model, ...), ...)", module="")
+                              "bdia_fx.convert(bdia_fx.pam.convert(model, ...), ...)", module="")
     if is_pam(model):
         raise ConversionError("the model already runs PAM", module="")
     config = PAMConfig(tuple(ops), backward)
     state = PAMState(config)
-    args = _as_args(example_inputs)
+    args = example_args(example_inputs)
     if args or example_kwargs:
         captured = capture(shallow_clone(model), args, dict(example_kwargs or {})).module()
         state.report = analyse_pam(captured, config.ops, config.backward, type(model).__name__)
@@ -232,23 +235,23 @@ def pam(model: nn.Module, example_inputs: tuple | torch.Tensor = (), example_kwa
 
 
 def is_pam(model: nn.Module) -> bool:
-    """Whether ``model`` came out of :func:`pam` (or is a convert/revert of such a model)."""
+    """Whether ``model`` came out of :func:`convert` (or is a convert/revert of such a model)."""
     return _STATE_ATTR in model.__dict__
 
 
 def pam_state(model: nn.Module) -> PAMState:
     if not is_pam(model):
-        raise ConversionError(f"{type(model).__name__} was not made with bdia_fx.pam", module="")
+        raise ConversionError(f"{type(model).__name__} was not made with bdia_fx.pam.convert", module="")
     return model.__dict__[_STATE_ATTR]
 
 
-def pam_report_of(model: nn.Module) -> PAMReport | None:
-    """The PAM pass's report of a :func:`pam` model (None if it was made without example inputs)."""
+def report_of(model: nn.Module) -> PAMReport | None:
+    """The PAM pass's report of a :func:`convert` model (None if it was made without example inputs)."""
     return pam_state(model).report
 
 
-def pam_graph_of(model: nn.Module) -> fx.GraphModule | None:
-    """The captured call of a :func:`pam` model, rewritten by the PAM pass: a runnable GraphModule of
+def graph_of(model: nn.Module) -> fx.GraphModule | None:
+    """The captured call of a :func:`convert` model, rewritten by the PAM pass: a runnable GraphModule of
     the example call (its shapes, training-mode ops) with the model's parameters (None without
     example inputs)."""
     return pam_state(model).graph

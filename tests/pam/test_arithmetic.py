@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bdia_fx.pam_math import (
+from bdia_fx.pam.arithmetic import (
     pa_exp2,
     pa_exp2_slope,
     pa_log2,

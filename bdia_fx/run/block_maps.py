@@ -21,6 +21,8 @@ from torch import nn
 from bdia_fx.calls import BlockCall, StreamSlots, split_output
 from bdia_fx.errors import ConversionError
 
+__all__ = ["CallMap", "OriginalCall", "PlannedMap", "StepSource"]
+
 
 class CallMap:
     """One block call as a map of the stream; remembers the output structure of its first call."""

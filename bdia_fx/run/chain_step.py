@@ -35,11 +35,14 @@ import torch
 import torch.utils.checkpoint as checkpoint
 
 from bdia_fx import fixed_point as fp
-from bdia_fx.block_maps import StepSource
 from bdia_fx.errors import ConversionError, ReversibilityError
-from bdia_fx.frame import ChainCall, recomputing
-from bdia_fx.guards import StepState
+from bdia_fx.run.block_maps import StepSource
+from bdia_fx.run.frame import ChainCall, recomputing
+from bdia_fx.run.guards import StepState
 from bdia_fx.schemes import Reads, Shear
+
+__all__ = ["UpdateSpec", "UpdateStep", "apply_update", "enter", "random_state", "random_state_bytes",
+           "round_increment", "run_step", "stream", "undo_update"]
 
 _FLOAT_VIEW = {torch.int32: torch.float32, torch.int64: torch.float64}
 _CODE_OF = {float_dtype: code_dtype for code_dtype, float_dtype in _FLOAT_VIEW.items()}

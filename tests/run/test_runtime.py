@@ -8,8 +8,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 import bdia_fx
 from bdia_fx import BDIAConfig
-from bdia_fx.conversion import state_of
-from bdia_fx.observe import ChainObserver, observing
+from bdia_fx.converted import observing, state_of
+from bdia_fx.run.frame import ChainObserver
 
 from cases import TRAINING_CASES as CASES
 from cases import FramesSeen, assert_close, grads, mean_square_loss

@@ -2,9 +2,9 @@
 
 The converted model's parent module runs and calls its block modules in order; each block of a chain
 is a thin proxy (see :mod:`bdia_fx.module_tree`) that hands the call to the chain's
-:class:`ChainRuntime`. A training call is one :class:`~bdia_fx.frame.ChainCall` (made at block 0):
+:class:`ChainRuntime`. A training call is one :class:`~bdia_fx.run.frame.ChainCall` (made at block 0):
 each block (or sublayer) is one chain step of the chain's scheme (:mod:`bdia_fx.schemes`), run by
-:func:`bdia_fx.chain_step.run_step` — the one training path of every scheme, reversible or stored,
+:func:`bdia_fx.run.chain_step.run_step` — the one training path of every scheme, reversible or stored,
 eager or traced by ``torch.compile``. Eval runs the scheme's inference form (:class:`InferenceForm`).
 """
 
@@ -21,18 +21,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from bdia_fx import chain_step
 from bdia_fx import fixed_point as fp
-from bdia_fx.block_maps import OriginalCall, StepSource
-from bdia_fx.calls import BlockCall, StreamSlots, describe_leaf, split_call, split_output
+from bdia_fx.calls import BlockCall, StreamSlots, describe_leaf, split_call
 from bdia_fx.config import BDIAConfig
 from bdia_fx.errors import ConversionError
-from bdia_fx.frame import ChainCall
-from bdia_fx.guards import record_step, version_of
+from bdia_fx.run import chain_step
+from bdia_fx.run.block_maps import OriginalCall, StepSource
+from bdia_fx.run.frame import ChainCall
+from bdia_fx.run.guards import record_step, version_of
 from bdia_fx.schemes import ChainScheme, chain_scheme_of
 
 if TYPE_CHECKING:
     from bdia_fx.passes.plan import ChainPlan
+
+__all__ = ["BDIAChain", "ChainRuntime", "InferenceForm", "SublayerPlanner", "capture_mode", "capturing"]
 
 logger = logging.getLogger(__name__)
 _capturing = [False]
@@ -78,6 +80,16 @@ class InferenceForm:
     def quantizer(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         return functools.partial(fp.quantize, frac_bits=self.frac_bits) if self.quantize else None
 
+    def run_block(self, index: int, block: nn.Module, original: type, args: tuple, kwargs: dict, where: str,
+                  slots: StreamSlots, branch: bool) -> Any:
+        """Block ``index``'s call (``where``: its path; ``slots``: where its stream is; ``branch``: it
+        computes h(x) only and the parent adds the stream)."""
+        x, call = split_call(args, kwargs, slots, where)
+        source = StepSource(block, original, where, slots, branch, call)
+        block_map = source.bind([leaf for leaf in call.leaves if isinstance(leaf, torch.Tensor)])
+        z = self.step(index, x, block_map, branch, where)
+        return block_map.rebuild(z) if block_map.rebuild is not None else z
+
     def step(self, k: int, x: torch.Tensor, block: Any, branch: bool, where: str) -> torch.Tensor:
         """Block k's call: the new stream z_{k+1} from z_k = ``x`` (a branch gets z_{k+1} − x back)."""
         scheme, bits, q = self.scheme, self.frac_bits, self.quantizer()
@@ -111,16 +123,6 @@ class InferenceForm:
         return x.shape == passed.shape and torch.equal(x, returned + passed)
 
 
-def inference_block_forward(form: InferenceForm, block: nn.Module, original: type, args: tuple, kwargs: dict,
-                            index: int, where: str, slots: StreamSlots, branch: bool) -> Any:
-    """A block call of a chain's inference form."""
-    x, call = split_call(args, kwargs, slots, where)
-    source = StepSource(block, original, where, slots, branch, call)
-    block_map = source.bind([leaf for leaf in call.leaves if isinstance(leaf, torch.Tensor)])
-    z = form.step(index, x, block_map, branch, where)
-    return block_map.rebuild(z) if block_map.rebuild is not None else z
-
-
 class ChainRuntime:
     """Runs one chain of ``K`` blocks: the scheme's training chain, or its inference form in eval.
 
@@ -144,7 +146,7 @@ class ChainRuntime:
         self.slots = slots
         self.plan_sublayers = plan_sublayers
         self.scheme = chain_scheme_of(config.scheme)
-        self.observers: list = []  # bdia_fx.observe.ChainObserver instances while something measures
+        self.observers: list = []  # bdia_fx.run.frame.ChainObserver instances while something measures
         self._call: ChainCall | None = None  # the training call whose forward is running
         self._training = False  # whether the running call trains (some block of the chain is in training mode)
         self._plans: dict[Any, tuple] = {}  # granularity="sublayer": (plan, rebuild) per block call and shapes
@@ -187,8 +189,7 @@ class ChainRuntime:
         if not self._training:
             if not self.config.quantize_eval and self.scheme.original_at_inference:
                 return original.forward(block, *args, **kwargs)
-            return inference_block_forward(self.form, block, original, args, kwargs, index, where,
-                                           self.slots[index], self.branch)
+            return self.form.run_block(index, block, original, args, kwargs, where, self.slots[index], self.branch)
         x, call = split_call(args, kwargs, self.slots[index], where)
         if index == 0:
             if x.dim() <= self.batch_dim:

@@ -31,6 +31,9 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["BIAS", "DEFAULT_CHUNK_ELEMENTS", "pa_exp2", "pa_exp2_slope", "pa_log2", "pa_log2_slope", "pam_div",
+           "pam_div_slopes", "pam_matmul", "pam_matmul_backward", "pam_mul", "pam_mul_slopes"]
+
 BIAS = 0x3F800000            # the bit pattern of 1.0: 127 · 2^23
 _MIN_NORMAL = 0x00800000     # the bit pattern of 2^-126
 _INF = 0x7F800000

@@ -32,6 +32,8 @@ from torch import nn
 
 from bdia_fx.errors import ReversibilityError
 
+__all__ = ["StepState", "record_step", "version_of"]
+
 _PLAIN_TYPES = (bool, int, float, str, type(None))
 _MISSING = object()
 

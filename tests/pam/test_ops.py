@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bdia_fx import pam_ops
+from bdia_fx.pam import ops as pam_ops
 
 from references import paexp2, palog2, pam_reference
 
