@@ -22,6 +22,14 @@ eagerly and traced by ``torch.compile`` (whose graphs can carry no Python state 
 nodes); the bit views are only ever copied, never computed with. In eager code the backward reads
 what the forward recorded (guards, RNG and autocast state) from the call's objects; under compile
 the graph fixes module state and the autograd version counters of the saved parameters guard them.
+
+Note: [the backward's peak]. A reversible backward's peak is one block's recompute and its backward,
+plus what the step itself holds then; so each update's backward takes the vector–Jacobian product
+first, while it holds only the carrier, the parts it reads and g, and undoes the update afterwards,
+freeing each code tensor once used; eagerly it writes the rebuilt part into the carrier that came down
+(the step is its only consumer) instead of stacking a new one. The block's parameter gradients are
+returned (``torch.autograd.grad`` of a loss must receive them, not find them in ``.grad``), so they are
+all alive at the end of its recompute's backward: about 1 MiB above a per-node accumulation here.
 """
 
 from __future__ import annotations
@@ -187,7 +195,25 @@ class UpdateStep(torch.autograd.Function):
             else:
                 with torch.enable_grad():
                     g = u.increment(reads)
-        b, rounded = round_increment(g.detach(), u, codes, call.frac_bits, call.code_dtype)
+        # the vector–Jacobian product of g first (straight-through for Q): Note: [the backward's peak]
+        if call.compiled:
+            read_g, side_g, param_g = vjp(grad.to(g.dtype))
+        elif g.requires_grad:  # g may be wider than the stream (BDIA rounds (1+γ)F in float32)
+            read_g, side_g, param_g = _pull_back(g, grad.to(g.dtype), reads, fresh_sides, params)
+        else:
+            read_g, side_g, param_g = [None] * len(reads), [None] * len(sides), [None] * len(params)
+        g = g.detach()
+        if u.exact is not None:
+            part, multiplier = u.exact
+            term = grad * (multiplier.to(grad.dtype) if isinstance(multiplier, torch.Tensor) else multiplier)
+            read_g[part] = term if read_g[part] is None else read_g[part] + term
+        scale = u.scale
+        grad_target = grad * (scale.to(grad.dtype) if isinstance(scale, torch.Tensor) else scale)
+        read_g = [g_ for i, g_ in enumerate(read_g) if i != spec.target]
+        del reads, fresh_sides, grad
+        # then the walk down: the update undone bit for bit, the checks
+        b, rounded = round_increment(g, u, codes, call.frac_bits, call.code_dtype)
+        del g
         if forward_sum is not None:
             mismatch = (fp.checksum(b) != forward_sum).any()
             if call.compiled:
@@ -196,8 +222,16 @@ class UpdateStep(torch.autograd.Function):
             else:
                 call.checks.record("backward", "checksum", where, mismatch)
         _check_range(call, "backward", "update", where, rounded)
+        del rounded
         before = undo_update(u, codes[spec.target], b, bits)
-        codes[spec.target] = before
+        del b
+        if call.compiled or spec.last:
+            codes[spec.target] = before
+            grad_carrier = torch.stack(codes).view(_FLOAT_VIEW[call.code_dtype])
+        else:  # eager: written into the carrier that came down (this step is its only consumer)
+            codes[spec.target].copy_(before)
+            grad_carrier = after
+        del before
         if spec.n == 0 and spec.index == 0 and call.verify:  # the bottom: extra parts back to zero
             extra = torch.stack([c.abs().amax() for i, c in enumerate(codes) if i != 0]).amax() != 0
             if call.compiled:
@@ -208,27 +242,20 @@ class UpdateStep(torch.autograd.Function):
         if spec.index == 0:
             for observer in call.observers:
                 observer.state_codes(call, spec.n, torch.stack(codes), rebuilt=True)
-        grad_carrier = torch.stack(codes).view(_FLOAT_VIEW[call.code_dtype])
-        # the vector–Jacobian product of g (straight-through for Q)
-        wanted = [r for r in reads if r is not None and r.requires_grad] + \
-            [s for s in fresh_sides if s.requires_grad] + [p for p in params if p.requires_grad]
-        if call.compiled:
-            read_g, side_g, param_g = vjp(grad.to(g.dtype))
-        elif g.requires_grad and wanted:  # g may be wider than the stream (BDIA rounds (1+γ)F in float32)
-            found = iter(torch.autograd.grad(g, wanted, grad.to(g.dtype), allow_unused=True))
-            read_g = [None if r is None or not r.requires_grad else next(found) for r in reads]
-            side_g = [next(found) if s.requires_grad else None for s in fresh_sides]
-            param_g = [next(found) if p.requires_grad else None for p in params]
-        else:
-            read_g, side_g, param_g = [None] * len(reads), [None] * len(sides), [None] * len(params)
-        if u.exact is not None:
-            part, multiplier = u.exact
-            term = grad * (multiplier.to(grad.dtype) if isinstance(multiplier, torch.Tensor) else multiplier)
-            read_g[part] = term if read_g[part] is None else read_g[part] + term
-        scale = u.scale
-        grad_target = grad * (scale.to(grad.dtype) if isinstance(scale, torch.Tensor) else scale)
-        read_g = [g_ for i, g_ in enumerate(read_g) if i != spec.target]
         return (None, None, None, grad_target, grad_carrier, None, *read_g, *side_g, *param_g)
+
+
+def _pull_back(g: torch.Tensor, grad: torch.Tensor, reads: Reads, sides: list[torch.Tensor],
+               params: Sequence[torch.Tensor]) -> tuple[list, list, list]:
+    """The eager vector–Jacobian product of the recomputed g to the parts it read, the side inputs and
+    the parameters (returned, so that ``torch.autograd.grad`` of the loss gets them too)."""
+    wanted = [r for r in reads if r is not None and r.requires_grad] + [s for s in sides if s.requires_grad] + \
+        [p for p in params if p.requires_grad]
+    found = iter(torch.autograd.grad(g, wanted, grad, allow_unused=True) if wanted else ())
+    read_g = [None if r is None or not r.requires_grad else next(found) for r in reads]
+    side_g = [next(found) if s.requires_grad else None for s in sides]
+    param_g = [next(found) if p.requires_grad else None for p in params]
+    return read_g, side_g, param_g
 
 
 def _tied_to(carrier: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
