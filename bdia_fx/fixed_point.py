@@ -129,13 +129,15 @@ def draw_seed(like: torch.Tensor) -> torch.Tensor:
     return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
 
 
-def gamma_signs(seed: torch.Tensor, step: int, batch: int, rank: int = 0) -> torch.Tensor:
-    """Step ``step``'s sign (±1, int8) for each of ``batch`` samples, a pure function of the 0-d int64
-    ``seed``, the step and the process ``rank``: the same in forward and backward, in eager and
-    compiled code, on any device, with nothing kept per step but the seed. Each sign is one bit of a
-    32-bit integer hash of (seed, step, rank, sample)."""
-    salt = seed.new_full((), (step * 0x9E3779B1 + rank * 0x85EBCA77) & _MASK32)  # a tensor: inductor
-    # mistypes an int64 arange xor-ed with a symbolic Python int (recompiles make such ints dynamic)
+def gamma_signs(seed: torch.Tensor, steps: range, batch: int, rank: int = 0) -> torch.Tensor:
+    """The signs (±1, int8) of chain ``steps`` for each of ``batch`` samples, shaped (steps, batch): a
+    pure function of the 0-d int64 ``seed``, the step and the process ``rank``, the same in forward and
+    backward, in eager and compiled code, on any device, with nothing kept but the seed. Each sign is
+    one bit of a 32-bit integer hash of (seed, step, rank, sample); drawing several steps at once gives
+    each step the signs it gets alone."""
+    step = torch.arange(steps.start, steps.stop, dtype=torch.int64, device=seed.device).unsqueeze(1)
+    salt = (step * 0x9E3779B1 + rank * 0x85EBCA77) & _MASK32  # tensors: inductor mistypes an int64 arange
+    # xor-ed with a symbolic Python int (recompiles make such ints dynamic)
     index = torch.arange(batch, dtype=torch.int64, device=seed.device)
     h = _mix32(index ^ salt)
     h = _mix32(h ^ (seed & _MASK32))

@@ -112,11 +112,19 @@ def test_the_exact_range_does_not_depend_on_the_stream_dtype(dtype):
 
 def test_gamma_signs_are_a_pure_function_of_seed_step_and_rank_and_fair():
     seed = torch.tensor(123456789012345, dtype=torch.int64)
-    signs = fp.gamma_signs(seed, 3, 10_000)
+    (signs,) = fp.gamma_signs(seed, range(3, 4), 10_000)
     assert signs.dtype == torch.int8 and set(signs.unique().tolist()) == {-1, 1}
     assert abs(float(signs.float().mean())) < 0.03  # about half each way
-    assert torch.equal(fp.gamma_signs(seed, 3, 10_000), signs)  # drawn again in backward: the same
-    for other in (fp.gamma_signs(seed, 4, 10_000), fp.gamma_signs(seed + 1, 3, 10_000),
-                  fp.gamma_signs(seed, 3, 10_000, rank=1)):
+    assert torch.equal(fp.gamma_signs(seed, range(3, 4), 10_000)[0], signs)  # drawn again in backward: the same
+    for other in (fp.gamma_signs(seed, range(4, 5), 10_000)[0], fp.gamma_signs(seed + 1, range(3, 4), 10_000)[0],
+                  fp.gamma_signs(seed, range(3, 4), 10_000, rank=1)[0]):
         agree = float((other == signs).float().mean())
         assert 0.47 < agree < 0.53  # another step, seed or rank: independent signs
+
+
+def test_gamma_signs_of_many_steps_at_once_are_each_steps_own():
+    seed = torch.tensor(-987654321, dtype=torch.int64)
+    table = fp.gamma_signs(seed, range(0, 40), 33, rank=3)
+    assert table.shape == (40, 33)
+    for step in (0, 1, 17, 39):
+        assert torch.equal(table[step], fp.gamma_signs(seed, range(step, step + 1), 33, rank=3)[0])

@@ -43,15 +43,29 @@ def version_of(t: torch.Tensor) -> int | None:
     return None if t.is_inference() else t._version
 
 
-def _plain_state(module: nn.Module) -> dict[str, object]:
-    return {k: v for k, v in module.__dict__.items() if type(v) in _PLAIN_TYPES}
+def _plain_state(module: nn.Module) -> tuple[dict[str, object], frozenset[str]]:
+    """The module's attributes holding plain values, and the names of all its attributes."""
+    table = module.__dict__
+    return {k: v for k, v in table.items() if type(v) in _PLAIN_TYPES}, frozenset(table)
+
+
+def _modules_of(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``block.named_modules(remove_duplicate=False)``, in its order, without a generator per module
+    (this runs at every step of every training call)."""
+    found, stack = [], [("", block)]
+    while stack:
+        name, module = stack.pop()
+        found.append((name, module))
+        stack.extend((f"{name}.{key}" if name else key, child)
+                     for key, child in reversed(module._modules.items()) if child is not None)
+    return found
 
 
 def record_step(block: nn.Module, path: str, side_inputs: list[tuple[int, torch.Tensor]],
                 name_of: Callable[[int], str]) -> StepState:
     """What the recompute of a step of ``block`` will read, as it is now (before the step runs);
     ``side_inputs`` are the call's other tensors by argument leaf, named by ``name_of``."""
-    modules = list(block.named_modules(remove_duplicate=False))
+    modules = _modules_of(block)
     slots = [(name, kind, table, key, value)
              for name, module in modules
              for kind, table in (("parameter", module._parameters), ("buffer", module._buffers),
@@ -66,7 +80,7 @@ class StepState:
     """A step's dependencies as recorded at its forward; :meth:`replay` is the recompute's context."""
 
     def __init__(self, path: str, modules: list[tuple[str, nn.Module]], slots: list, versions: list,
-                 sides: list, name_of: Callable[[int], str], plain: list[dict[str, object]]):
+                 sides: list, name_of: Callable[[int], str], plain: list[tuple[dict[str, object], frozenset[str]]]):
         self.path, self.modules, self.slots, self.versions = path, modules, slots, versions
         self.sides, self.name_of, self.plain = sides, name_of, plain
 
@@ -102,9 +116,9 @@ class StepState:
             for _, _, table, key, value in self.slots:
                 if table.get(key, _MISSING) is not value:
                     put(table, key, value)
-            for (_, module), then in zip(self.modules, self.plain):
+            for (_, module), (then, names) in zip(self.modules, self.plain):
                 table = module.__dict__
-                for key in [k for k, v in table.items() if type(v) in _PLAIN_TYPES and k not in then]:
+                for key in [k for k in table.keys() - names if type(table[k]) in _PLAIN_TYPES]:
                     touched.append((table, key, table.pop(key)))  # made after the forward saw the module
                 for key, value in then.items():
                     if table.get(key, _MISSING) is not value:

@@ -124,3 +124,16 @@ def test_every_script_the_readme_and_docs_show_is_run_by_a_test():
     assert "benchmarks/memory.py" in shown and "examples/vit_digits.py" in shown
     missing = [script for script in sorted(shown) if script not in run_here and Path(script).name not in others]
     assert not missing, f"README/docs commands no test runs: {missing}"
+
+
+def test_host_overhead_benchmark_counts_ops_and_profiles_the_chain(tmp_path):
+    out = tmp_path / "host.json"
+    stdout = _run("benchmarks/host_overhead.py", "--widths", "16", "--layers", "2", "--steps", "2", "--top", "5",
+                  "--json", str(out))
+    assert "where bdia_fx's host time goes" in stdout
+    rows = {row["method"]: row for row in json.loads(out.read_text())["widths"]["16"]["rows"]}
+    assert set(rows) == {"plain", "checkpoint", "bdia"}
+    # checkpointing recomputes the block forward in backward; bdia_fx also runs its fixed-point update
+    assert rows["checkpoint"]["backward_ops_per_block"] > rows["plain"]["backward_ops_per_block"]
+    assert rows["bdia"]["forward_ops_per_block"] > rows["plain"]["forward_ops_per_block"]
+    assert rows["plain"]["over_plain_ms"] == 0 and rows["checkpoint"]["vs_checkpoint"] == 1

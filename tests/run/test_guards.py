@@ -263,3 +263,13 @@ def test_after_backward_the_graph_keeps_no_side_input_alive():
     del mask
     gc.collect()
     assert kept() is None and loss.grad_fn is not None
+
+
+def test_the_guards_walk_modules_as_named_modules_does_duplicates_included():
+    from bdia_fx.run.guards import _modules_of
+
+    block = nn.Sequential(nn.Linear(3, 3), nn.Sequential(nn.ReLU(), nn.Linear(3, 3)))
+    block[1].alias = block[0]  # one module under two names
+    block.add_module("nothing", None)
+    expected = [(name, id(m)) for name, m in block.named_modules(remove_duplicate=False)]
+    assert [(name, id(m)) for name, m in _modules_of(block)] == expected and len(expected) == 6
