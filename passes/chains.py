@@ -137,8 +137,8 @@ def _scan_block(path: str, nodes: list[fx.Node], params: set[str], want: fx.Node
         if stream_in is not None and shape_of(stream_in) == shape_of(out):
             hit, scan.residual_like = (stream_in, ()), True
     if hit is None and last.target not in ADD_TARGETS:
-        after_add = any(isinstance(a, fx.Node) and a.target in ADD_TARGETS for a in out.args)
-        if after_add and "norm" in str(out.target):
+        after_add = any(isinstance(a, fx.Node) and a.target in ADD_TARGETS and a in members for a in out.args)
+        if after_add and "norm" in str(out.target):  # its own add: a final norm after the blocks is not
             why = ("a post-LN block (normalisation after the residual add) is not x + h(x), so BDIA cannot apply "
                    "(BDIAConfig(residual_only=False) accepts it, experimentally)")
             scan.residual_like = True

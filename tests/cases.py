@@ -6,7 +6,21 @@ import torch
 
 from bdia_fx.run.frame import ChainObserver
 
-from models import ParentLoopViT, TinyGPT, encoder, gpt2, gptj, llama, neox, opt, residual_sequential, swin, t5, vit
+from models import (
+    ParentLoopViT,
+    TinyGPT,
+    encoder,
+    flat_sequential_lm,
+    gpt2,
+    gptj,
+    llama,
+    neox,
+    opt,
+    residual_sequential,
+    swin,
+    t5,
+    vit,
+)
 
 # name -> (build model, example args, example kwargs): one training call per case
 TRAINING_CASES = {
@@ -25,6 +39,7 @@ TRAINING_CASES = {
     "parent-loop-h-plus-x": (lambda: ParentLoopViT(), lambda: (torch.randn(3, 8, 8),), {}),
     "parent-loop-x-plus-h": (lambda: ParentLoopViT(skip_first=True), lambda: (torch.randn(3, 8, 8),), {}),
     "sequential-of-residual-wrappers": (lambda: residual_sequential(), lambda: (torch.randn(3, 8, 8),), {}),
+    "flat-sequential-with-final-norm": (lambda: flat_sequential_lm(), lambda: (torch.randint(0, 64, (2, 8)),), {}),
 }
 
 # name -> (build model, inputs of (batch, length), example kwargs): models revert and export
@@ -39,6 +54,7 @@ SIZED_CASES = {
     "t5": (lambda: t5(3), lambda b, t: _t5_inputs(b, t), {"use_cache": False}),
     "parent-loop": (lambda: ParentLoopViT(), lambda b, t: (torch.randn(b, t, 8),), {}),
     "sequential-of-residual-wrappers": (lambda: residual_sequential(), lambda b, t: (torch.randn(b, t, 8),), {}),
+    "flat-sequential-with-final-norm": (lambda: flat_sequential_lm(), lambda b, t: (torch.randint(0, 64, (b, t)),), {}),
 }
 
 

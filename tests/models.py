@@ -257,6 +257,13 @@ class NanoGPTBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def flat_sequential_lm(layers: int = 3, d: int = 32, vocab: int = 64) -> nn.Sequential:
+    """A whole language model as one flat ``nn.Sequential``: embedding, blocks, final norm, head (as some
+    packages write it: the final norm reads the last block's residual add, but is not a block)."""
+    return nn.Sequential(nn.Embedding(vocab, d), *(NanoGPTBlock(d, 4) for _ in range(layers)), nn.LayerNorm(d),
+                         nn.Linear(d, vocab))
+
+
 class NanoGPT(nn.Module):
     """nanoGPT's model: token and position embeddings, a ModuleList ``h`` of blocks, ``ln_f``, a tied head."""
 

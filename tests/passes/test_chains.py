@@ -8,7 +8,7 @@ import torch
 
 import bdia_fx
 
-from models import ParentLoopViT, encoder, gpt2, llama, neox, residual_sequential, swin, t5, vit
+from models import ParentLoopViT, encoder, flat_sequential_lm, gpt2, llama, neox, residual_sequential, swin, t5, vit
 
 
 def test_report_lists_blocks_side_inputs_and_randomness():
@@ -119,6 +119,15 @@ def test_residual_adds_in_the_parents_loop_form_one_chain_of_branch_steps(skip_f
     assert all(b.stream_out.startswith("add") for b in chain.blocks)
     assert [b.stream_in for b in chain.blocks[1:]] == [b.stream_out for b in chain.blocks[:-1]]
     assert not report.rejections and not report.ignored  # the pairs' containers are part of the chain
+
+
+def test_a_flat_sequential_lm_chains_its_blocks_and_leaves_the_final_norm_and_head():
+    """The final norm reads the last block's residual add, but that add is not its own: it is not a
+    post-LN block, and the chain ends before it."""
+    report = bdia_fx.find_chains(flat_sequential_lm(layers=3), (torch.randint(0, 64, (2, 8)),))
+    (chain,) = report.chains
+    assert chain.block_paths == ("1", "2", "3") and not report.rejections
+    assert report.notes == ["'0', '4', '5' of '' run as they are (not residual blocks, before or after the chain)"]
 
 
 def test_a_sequential_of_residual_wrappers_after_an_embedding_is_one_chain():
