@@ -57,7 +57,7 @@ def _branch_module(add: fx.Node, h: fx.Node) -> str | None:
 
 
 def _branch(add: fx.Node, h: fx.Node, s: fx.Node, members_of: dict[str, list[fx.Node]],
-            params: set[str]) -> _Branch | None:
+            params: dict[str, str]) -> _Branch | None:
     path = _branch_module(add, h)
     if path is None or path not in members_of:
         return None
@@ -83,7 +83,7 @@ def _members_by_module(graph: fx.Graph, owned: set[fx.Node]) -> dict[str, list[f
     return found
 
 
-def find_branch_chains(graph: fx.Graph, params: set[str], mutated_buffers: set[str], owned: set[fx.Node],
+def find_branch_chains(graph: fx.Graph, params: dict[str, str], mutated_buffers: set[str], owned: set[fx.Node],
                        report: ChainReport, block_key: str) -> None:
     """Add the parent-loop chains of ``graph`` to ``report`` (nodes in ``owned`` belong to blocks
     already found), marking their nodes with ``node.meta[block_key] = (container, index)``."""

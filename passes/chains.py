@@ -25,6 +25,7 @@ from bdia_fx.passes.nodes import (
     module_paths,
     shape_of,
     side_input,
+    written_inputs,
 )
 from bdia_fx.report import BlockInfo, ChainInfo, ChainReport, Rejection
 
@@ -92,7 +93,7 @@ def _find_skip_path(out: fx.Node, members: set[fx.Node], inputs: list[fx.Node], 
     return walk(out, ())
 
 
-def _scan_block(path: str, nodes: list[fx.Node], params: set[str], want: fx.Node | None,
+def _scan_block(path: str, nodes: list[fx.Node], params: dict[str, str], want: fx.Node | None,
                 residual_only: bool = True) -> _BlockScan:
     scan = _BlockScan(path, nodes)
     members = set(nodes)
@@ -157,10 +158,14 @@ def _scan_block(path: str, nodes: list[fx.Node], params: set[str], want: fx.Node
             scan.problem = (node.name, f"in-place op {node.target} (node '{node.name}') on the residual stream")
             scan.residual_like = True
             return scan
-        if (is_mutating(node) and node.args and isinstance(node.args[0], fx.Node)
-                and node.args[0].op == "placeholder" and node.args[0].name in params):
-            scan.problem = (node.name, f"block updates state '{node.args[0].name}' in place in training "
-                            "(e.g. BatchNorm statistics); a recompute would update it twice")
+        state = [w for w in written_inputs(node) if w.op == "placeholder" and w.name in params]
+        if state:
+            scan.problem = (node.name, f"block updates its state '{params[state[0].name]}' in place in its forward "
+                            f"(node '{node.name}': BatchNorm statistics, an MoE's load counts or routing bias, a call "
+                            "counter tensor); a reversible recompute would update it again and read the new value. "
+                            "Keep such state outside the block, or convert(..., strict=False) to run this chain as "
+                            "it is")
+            scan.residual_like = True  # a residual block, refused for this reason
             return scan
     return scan
 
@@ -208,8 +213,8 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module,
     ``residual_only=False`` also chains of blocks that are any map of the stream (post-LN)."""
     graph = ep.graph
     sig = ep.graph_signature
-    params = (set(sig.inputs_to_parameters) | set(sig.inputs_to_buffers) | set(sig.inputs_to_lifted_tensor_constants)
-              | set(getattr(sig, "inputs_to_lifted_custom_objs", {})))  # a block's own state, not a side input
+    params = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants,
+              **getattr(sig, "inputs_to_lifted_custom_objs", {})}  # a block's own state, not a side input: its name
     mutated_buffers = set(getattr(sig, "buffers_to_mutate", {}).values())
     report = ChainReport(model=type(model).__name__)
     claimed: list[str] = []  # block paths of accepted or rejected chains; nested containers skip

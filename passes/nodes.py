@@ -9,7 +9,7 @@ from torch import fx
 from bdia_fx.report import SideInput
 
 __all__ = ["ADD_TARGETS", "CAST_TARGETS", "IDENTITY_TARGETS", "RESHAPE_TARGETS", "is_identity", "is_mutating",
-           "is_random", "module_paths", "shape_of", "side_input"]
+           "is_random", "module_paths", "shape_of", "side_input", "written_inputs"]
 
 ADD_TARGETS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
 CAST_TARGETS = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout,
@@ -51,6 +51,25 @@ def side_input(node: fx.Node) -> SideInput:
 def is_mutating(node: fx.Node) -> bool:
     schema = getattr(node.target, "_schema", None)
     return bool(schema is not None and schema.is_mutable)
+
+
+def written_inputs(node: fx.Node) -> list[fx.Node]:
+    """The nodes ``node`` writes in place: its first argument if it is a mutating op, or, for a region
+    captured as a higher-order op over a submodule (``torch.no_grad()`` code becomes
+    ``wrap_with_set_grad_enabled(False, submod, *operands)``), the operands its submodule writes."""
+    if is_mutating(node):
+        return [node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else []
+    body = next((a for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"), None)
+    if node.op != "call_function" or body is None:
+        return []
+    submodule = getattr(node.graph.owning_module, body.target, None)
+    if not isinstance(submodule, fx.GraphModule):
+        return []
+    operands = list(node.args[node.args.index(body) + 1:])
+    inner = [n for n in submodule.graph.nodes if n.op == "placeholder"]
+    written = {w for n in submodule.graph.nodes for w in written_inputs(n)}
+    return [outer for placeholder, outer in zip(inner, operands)
+            if placeholder in written and isinstance(outer, fx.Node)]
 
 
 def is_random(node: fx.Node) -> bool:

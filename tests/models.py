@@ -281,3 +281,51 @@ class NanoGPT(nn.Module):
         for block in self.h:
             x = block(x)
         return self.lm_head(self.ln_f(x))
+
+
+class TopKMoE(nn.Module):
+    """A top-k mixture of experts that, as auxiliary-loss-free load balancing does, counts each expert's
+    load and nudges a routing bias in its forward, under ``torch.no_grad()``."""
+
+    def __init__(self, d: int, experts: int = 4, k: int = 2):
+        super().__init__()
+        self.k = k
+        self.router = nn.Linear(d, experts, bias=False)
+        self.experts = nn.ModuleList(nn.Linear(d, d) for _ in range(experts))
+        self.register_buffer("load", torch.zeros(experts))
+        self.register_buffer("route_bias", torch.zeros(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.router(x)
+        top = (logits + self.route_bias).topk(self.k, dim=-1).indices
+        with torch.no_grad():
+            load = torch.zeros_like(self.load).scatter_add_(0, top.flatten(), torch.ones(top.numel()))
+            self.load += load
+            self.route_bias += 0.01 * (load.mean() - load).sign()
+        weights = torch.softmax(logits.gather(-1, top), dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out = out + expert(x) * ((top == e).to(x.dtype) * weights).sum(-1, keepdim=True)
+        return out
+
+
+class MoEStack(nn.Module):
+    """Pre-LN blocks x + moe(ln(x)) in a ModuleList."""
+
+    def __init__(self, d: int = 16, layers: int = 3):
+        super().__init__()
+        self.blocks = nn.ModuleList(_MoEBlock(d) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class _MoEBlock(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.ln, self.moe = nn.LayerNorm(d), TopKMoE(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.moe(self.ln(x))

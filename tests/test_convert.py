@@ -16,7 +16,7 @@ import bdia_fx
 from bdia_fx import BDIAConfig, ConversionError
 
 from cases import assert_close, grads
-from models import PreAndPostLN, PreLNBlock, ResidualMLP, Stack, TinyGPT, bert, encoder, gpt2
+from models import MoEStack, PreAndPostLN, PreLNBlock, ResidualMLP, Stack, TinyGPT, bert, encoder, gpt2
 
 
 def _snapshot(model):
@@ -347,3 +347,12 @@ def test_is_converted_and_the_repr_says_how():
     text = repr(conv)
     assert "bdia_fx: converted (reversible, granularity=block, frac_bits=10" in text and "layers (3 blocks)" in text
     assert "bdia_fx" not in repr(model) and "bdia_fx" not in repr(plain)
+
+
+def test_a_block_that_updates_its_buffers_in_forward_is_refused_at_convert_with_the_true_cause():
+    model = MoEStack()
+    snap = _snapshot(model)
+    with pytest.raises(ConversionError, match=r"blocks\.0.*updates its state 'blocks\.0\.moe\.load' in place in its "
+                                              r"forward.*an MoE's load counts"):
+        bdia_fx.convert(model, (torch.randn(2, 8, 16),))
+    _assert_untouched(model, snap)  # the capture's own forward left the buffers as they were

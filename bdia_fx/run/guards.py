@@ -91,9 +91,10 @@ class StepState:
                 where = f"{name}.{key}" if name else key
                 raise ReversibilityError(
                     f"{kind} '{self.path}.{where}' was modified in place between this block's forward and its "
-                    "backward (e.g. optimizer.step() or load_state_dict() before loss.backward(), or an in-place "
-                    "write such as weight.add_()); the recompute would use the new values. Plain autograd raises "
-                    "here too: run backward before changing parameters", module=self.path)
+                    "backward (by optimizer.step() or load_state_dict() before loss.backward(), an in-place write "
+                    "such as weight.add_(), or code run after the block's forward that updates it); the recompute "
+                    "would use the new values. Plain autograd raises too where it saved the tensor: run backward "
+                    "before changing parameters", module=self.path)
         for index, ref, version in self.sides:
             tensor = ref()
             if version is not None and tensor is not None and tensor._version != version:

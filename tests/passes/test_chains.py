@@ -8,7 +8,19 @@ import torch
 
 import bdia_fx
 
-from models import ParentLoopViT, encoder, flat_sequential_lm, gpt2, llama, neox, residual_sequential, swin, t5, vit
+from models import (
+    MoEStack,
+    ParentLoopViT,
+    encoder,
+    flat_sequential_lm,
+    gpt2,
+    llama,
+    neox,
+    residual_sequential,
+    swin,
+    t5,
+    vit,
+)
 
 
 def test_report_lists_blocks_side_inputs_and_randomness():
@@ -135,3 +147,14 @@ def test_a_sequential_of_residual_wrappers_after_an_embedding_is_one_chain():
     (chain,) = report.chains
     assert chain.block_paths == ("1", "2", "3", "4") and not chain.branch
     assert report.notes == ["'0' of '' run as they are (not residual blocks, before or after the chain)"]
+
+
+def test_a_block_updating_its_buffers_under_no_grad_is_refused_with_the_buffer_named():
+    """An MoE that counts expert load and moves a routing bias in its forward (inside torch.no_grad(),
+    captured as a higher-order op over a submodule): a recompute would update them again."""
+    report = bdia_fx.find_chains(MoEStack(), (torch.randn(2, 8, 16),))
+    assert not report.chains
+    (rejection,) = report.rejections
+    assert rejection.container == "blocks" and rejection.module == "blocks.0"
+    assert "updates its state 'blocks.0.moe.load' in place in its forward" in rejection.reason
+    assert "strict=False" in rejection.reason
