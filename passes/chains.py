@@ -197,14 +197,24 @@ def _depends_on(node: fx.Node, source: fx.Node, members: set[fx.Node]) -> bool:
 
 
 def _blocks_of(graph: fx.Graph, paths: list[str]) -> dict[str, list[fx.Node]]:
+    """The nodes run inside each child ``path``: in its own calls, or, for a child that is never called
+    itself (a ModuleList of [norm, branch, residual helper] the parent loop calls one by one), in its
+    submodules' calls."""
     wanted = set(paths)
     found: dict[str, list[fx.Node]] = {p: [] for p in paths}
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        for path in module_paths(node) & wanted:
+        owners = {ancestor for path in module_paths(node) for ancestor in _ancestors(path) if ancestor in wanted}
+        for path in owners:
             found[path].append(node)
     return found
+
+
+def _ancestors(path: str) -> list[str]:
+    """``path`` and the paths of the modules above it ("a.b.c": "a.b.c", "a.b", "a")."""
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)] if path else []
 
 
 def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module,
@@ -273,7 +283,7 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module,
             report.ignored.append((container, "its numbered children do not feed one another"))
             continue
         claimed.extend(called)
-        rejection = _chain_problem(container, scans, linked, mutated_buffers)
+        rejection = _chain_problem(container, scans, linked, mutated_buffers) or _uncalled_block(container, scans)
         if rejection is not None:
             report.rejections.append(rejection)
             continue
@@ -330,6 +340,26 @@ def _feeds(scans: list[_BlockScan]) -> bool:
             seen.add(node)
             frontier.extend(node.all_input_nodes)
     return False
+
+
+def _uncalled_block(container: str, scans: list[_BlockScan]) -> Rejection | None:
+    """A residual block that is never called as one module (its parent calls its parts one by one, e.g.
+    ``x = residual(branch(norm(x)), x)`` over a ModuleList per layer): the chain runs blocks by their
+    calls, so it is refused, naming the parts and the fix."""
+    for scan in scans:
+        if any(scan.path in module_paths(node) for node in scan.nodes):
+            continue
+        parts = sorted({path.split(".")[scan.path.count(".") + 1] for node in scan.nodes for path in module_paths(node)
+                        if path.startswith(scan.path + ".")}, key=lambda p: (len(p), p))
+        adder = max((p for p in module_paths(scan.stream_out) if p.startswith(scan.path + ".")), key=len, default=None)
+        where = f", the residual add in '{adder}'" if adder else ""
+        return Rejection(
+            container, scan.path, scan.stream_out.name,
+            f"'{scan.path}' is x + h(x) but is never called as one module: the parent calls its parts one by one "
+            f"({', '.join(repr(f'{scan.path}.{p}') for p in parts)}{where}), and a reversible chain runs each block "
+            "by its call. Wrap each layer's parts in one module whose forward is the layer (e.g. "
+            "x = residual(branch(norm(x)), x)) and convert that model")
+    return None
 
 
 def _chain_problem(container: str, scans: list[_BlockScan], linked: list[bool],

@@ -329,3 +329,25 @@ class _MoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.moe(self.ln(x))
+
+
+class ResidualHelper(nn.Module):
+    """A residual add as its own module, called with the branch's output and the stream."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return x + residual
+
+
+class HelperResidualStack(nn.Module):
+    """Per layer a ModuleList [norm, branch, residual helper]; the parent's loop does
+    ``x = residual(branch(norm(x)), x)``, so a layer is never called as one module."""
+
+    def __init__(self, d: int = 16, layers: int = 3):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleList([nn.LayerNorm(d), feed_forward(d, dropout=0.0), ResidualHelper()])
+                                    for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for norm, branch, residual in self.layers:
+            x = residual(branch(norm(x)), x)
+        return x

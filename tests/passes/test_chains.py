@@ -9,6 +9,7 @@ import torch
 import bdia_fx
 
 from models import (
+    HelperResidualStack,
     MoEStack,
     ParentLoopViT,
     encoder,
@@ -158,3 +159,12 @@ def test_a_block_updating_its_buffers_under_no_grad_is_refused_with_the_buffer_n
     assert rejection.container == "blocks" and rejection.module == "blocks.0"
     assert "updates its state 'blocks.0.moe.load' in place in its forward" in rejection.reason
     assert "strict=False" in rejection.reason
+
+
+def test_layers_the_parent_calls_piece_by_piece_are_refused_naming_the_parts_and_the_fix():
+    report = bdia_fx.find_chains(HelperResidualStack(), (torch.randn(2, 8, 16),))
+    assert not report.chains
+    (rejection,) = report.rejections
+    assert (rejection.container, rejection.module) == ("layers", "layers.0")
+    assert "never called as one module" in rejection.reason and "the residual add in 'layers.0.2'" in rejection.reason
+    assert "'layers.0.0', 'layers.0.1', 'layers.0.2'" in rejection.reason and "Wrap each layer" in rejection.reason
