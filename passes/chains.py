@@ -196,19 +196,23 @@ def _depends_on(node: fx.Node, source: fx.Node, members: set[fx.Node]) -> bool:
     return False
 
 
-def _blocks_of(graph: fx.Graph, paths: list[str]) -> dict[str, list[fx.Node]]:
-    """The nodes run inside each child ``path``: in its own calls, or, for a child that is never called
+def _blocks_of(graph: fx.Graph, paths: list[str]) -> tuple[dict[str, list[fx.Node]], set[str]]:
+    """The nodes run inside each child ``path`` — in its own calls, or, for a child that is never called
     itself (a ModuleList of [norm, branch, residual helper] the parent loop calls one by one), in its
-    submodules' calls."""
+    submodules' calls — and the paths of the latter kind."""
     wanted = set(paths)
-    found: dict[str, list[fx.Node]] = {p: [] for p in paths}
+    direct: dict[str, list[fx.Node]] = {p: [] for p in paths}
+    nested: dict[str, list[fx.Node]] = {p: [] for p in paths}
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        owners = {ancestor for path in module_paths(node) for ancestor in _ancestors(path) if ancestor in wanted}
-        for path in owners:
-            found[path].append(node)
-    return found
+        own = module_paths(node)
+        for path in own & wanted:
+            direct[path].append(node)
+        for path in {a for p in own for a in _ancestors(p)[1:] if a in wanted} - own:
+            nested[path].append(node)
+    uncalled = {p for p in paths if not direct[p] and nested[p]}
+    return {p: direct[p] or nested[p] for p in paths}, uncalled
 
 
 def _ancestors(path: str) -> list[str]:
@@ -243,7 +247,7 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module,
                     "weights, as in ALBERT or a universal transformer); a chain needs one module per block"))
                 claimed.extend(paths)
             continue
-        members = _blocks_of(graph, paths)
+        members, uncalled = _blocks_of(graph, paths)
         called = [p for p in paths if members[p]]
         if not called:
             continue
@@ -253,6 +257,8 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module,
             want = scans[-1].stream_out if scans and (scans[-1].problem is None or scans[-1].shared) else None
             scans.append(_scan_block(path, members[path], params, want, residual_only))
         residual = [s for s in scans if _residual(s)]
+        if uncalled & set(called) and len(residual) < len(scans):
+            continue  # parts the parent calls one by one that are not all residual: no candidate (their own may be)
         if not residual:
             report.ignored.append((container, "its numbered children are not residual blocks"))
             continue
@@ -282,8 +288,11 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module,
         if len(scans) > 1 and not any(linked) and not _feeds(scans):
             report.ignored.append((container, "its numbered children do not feed one another"))
             continue
+        rejection = _chain_problem(container, scans, linked, mutated_buffers)
+        if rejection is not None and uncalled & set(called):
+            continue  # as above: only a chain that is sound but for its calls is refused for them
         claimed.extend(called)
-        rejection = _chain_problem(container, scans, linked, mutated_buffers) or _uncalled_block(container, scans)
+        rejection = rejection or _uncalled_block(container, scans)
         if rejection is not None:
             report.rejections.append(rejection)
             continue

@@ -53,14 +53,19 @@ def is_mutating(node: fx.Node) -> bool:
     return bool(schema is not None and schema.is_mutable)
 
 
+_REGION_OPS = ("wrap_with_set_grad_enabled", "wrap_with_autocast")  # (flag(s), submodule, *operands)
+
+
 def written_inputs(node: fx.Node) -> list[fx.Node]:
     """The nodes ``node`` writes in place: its first argument if it is a mutating op, or, for a region
     captured as a higher-order op over a submodule (``torch.no_grad()`` code becomes
     ``wrap_with_set_grad_enabled(False, submod, *operands)``), the operands its submodule writes."""
     if is_mutating(node):
         return [node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else []
+    if node.op != "call_function" or getattr(node.target, "__name__", None) not in _REGION_OPS:
+        return []
     body = next((a for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"), None)
-    if node.op != "call_function" or body is None:
+    if body is None:
         return []
     submodule = getattr(node.graph.owning_module, body.target, None)
     if not isinstance(submodule, fx.GraphModule):

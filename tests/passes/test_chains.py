@@ -168,3 +168,34 @@ def test_layers_the_parent_calls_piece_by_piece_are_refused_naming_the_parts_and
     assert (rejection.container, rejection.module) == ("layers", "layers.0")
     assert "never called as one module" in rejection.reason and "the residual add in 'layers.0.2'" in rejection.reason
     assert "'layers.0.0', 'layers.0.1', 'layers.0.2'" in rejection.reason and "Wrap each layer" in rejection.reason
+
+
+class _SharedRotaryBlock(torch.nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.ln, self.rot, self.f = torch.nn.LayerNorm(d), torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+
+    def forward(self, x, r):
+        return x + self.f(self.ln(x)) * r
+
+
+class _ParentCallsAPartOfBlock0(torch.nn.Module):
+    """The parent computes a table with a submodule of block 0, outside block 0's call (as models that
+    keep a shared rotary module in their first layer do)."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_SharedRotaryBlock(d) for _ in range(3))
+
+    def forward(self, x):
+        r = self.layers[0].rot(x)
+        for layer in self.layers:
+            x = layer(x, r)
+        return x
+
+
+def test_a_part_of_a_called_block_that_the_parent_calls_stays_outside_the_block():
+    report = bdia_fx.find_chains(_ParentCallsAPartOfBlock0(), (torch.randn(2, 8),))
+    (chain,) = report.chains
+    assert chain.block_paths == ("layers.0", "layers.1", "layers.2") and not report.rejections
+    assert [b.n_nodes for b in chain.blocks] == [4, 4, 4]  # layer norm, linear, mul, add: not the parent's linear
