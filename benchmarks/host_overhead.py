@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bdia_fx.report import write_json
 
-from memory import build, heads_of, step
+from memory import build, heads_of, paired_ratio, step
 
 EAGER = ("plain", "checkpoint", "bdia")
 COMPILED = ("checkpoint compiled", "bdia compiled")
@@ -87,11 +87,6 @@ def paired_excess_ms(times: list[float], reference: list[float], layers: int) ->
     return statistics.median(a - b for a, b in zip(times, reference)) * 1000 / layers
 
 
-def paired_ratio(times: list[float], reference: list[float]) -> float:
-    """Median over rounds of the per-round ratio (the machine's speed, which moves between runs, cancels)."""
-    return statistics.median(a / b for a, b in zip(times, reference))
-
-
 def where_the_time_goes(run: Callable, model: nn.Module, x: torch.Tensor, layers: int, steps: int,
                         top: int) -> list[dict]:
     """The functions with the most own time (cProfile), in µs per block per step."""
@@ -119,7 +114,7 @@ def measure(width: int, layers: int, steps: int, compiled: bool, top: int) -> di
                      "per_block_ms": statistics.median(times[method]) * 1000 / layers,
                      "over_plain_ms": paired_excess_ms(times[method], times["plain"], layers),
                      "over_checkpoint_ms": paired_excess_ms(times[method], times["checkpoint"], layers),
-                     "vs_checkpoint": paired_ratio(times[method], times["checkpoint"]),
+                     "vs_checkpoint": paired_ratio(times[method], times["checkpoint"])[0],
                      "forward_ops_per_block": forward_ops / layers, "backward_ops_per_block": backward_ops / layers})
     run, model, x = built["bdia"]
     profile = where_the_time_goes(run, model, x, layers, max(2, steps // 4), top)

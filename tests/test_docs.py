@@ -15,6 +15,8 @@ import torch
 import bdia_fx
 import bdia_fx.pam
 
+from models import gpt2
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 API_PAGE = ROOT / "docs" / "api" / "index.rst"
@@ -66,13 +68,6 @@ def _python_blocks(page: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", (ROOT / "docs" / page).read_text(), re.S)
 
 
-def _tiny_gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=64,
-                                      bos_token_id=0, eos_token_id=0))
-
-
 class _Field(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -86,7 +81,7 @@ def test_the_python_snippets_of_the_pam_and_schemes_pages_run():
     torch.manual_seed(0)
     ids = torch.randint(0, 64, (2, 8))
     (pam_snippet,) = _python_blocks("pam.md")
-    namespace = {"model": _tiny_gpt2(), "ids": ids}
+    namespace = {"model": gpt2(2), "ids": ids}
     exec(compile(pam_snippet, "docs/pam.md", "exec"), namespace)
     assert bdia_fx.pam.is_pam(namespace["everything"]) and bdia_fx.pam.report_of(namespace["pam_model"]).replaced
 
@@ -96,6 +91,6 @@ def test_the_python_snippets_of_the_pam_and_schemes_pages_run():
     namespace = {"f": field, "z0": z0, "t": torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)}
     exec(compile(odeint_snippet, "docs/schemes.md", "exec"), namespace)
     assert z0.grad is not None and field.net[0].weight.grad is not None
-    namespace = {"bdia_fx": bdia_fx, "model": _tiny_gpt2(), "ids": ids}
+    namespace = {"bdia_fx": bdia_fx, "model": gpt2(2), "ids": ids}
     exec(compile(scheme_snippet, "docs/schemes.md", "exec"), namespace)
     assert bdia_fx.is_converted(namespace["model"])

@@ -82,6 +82,11 @@ def undo_update(u: Shear, after: torch.Tensor, b: torch.Tensor, bits: torch.Tens
     return after - b if isinstance(u.sign, int) and u.sign == 1 else (after - b) * u.sign
 
 
+def _times(t: torch.Tensor, factor: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` times an update's scale or exact multiplier (a per-sample tensor, cast to ``dtype``, or a number)."""
+    return t * (factor.to(dtype) if isinstance(factor, torch.Tensor) else factor)
+
+
 def _stack(codes: Sequence[torch.Tensor], target: int, new: torch.Tensor) -> torch.Tensor:
     return torch.stack([new if i == target else c for i, c in enumerate(codes)])
 
@@ -205,10 +210,9 @@ class UpdateStep(torch.autograd.Function):
         g = g.detach()
         if u.exact is not None:
             part, multiplier = u.exact
-            term = grad * (multiplier.to(grad.dtype) if isinstance(multiplier, torch.Tensor) else multiplier)
+            term = _times(grad, multiplier, grad.dtype)
             read_g[part] = term if read_g[part] is None else read_g[part] + term
-        scale = u.scale
-        grad_target = grad * (scale.to(grad.dtype) if isinstance(scale, torch.Tensor) else scale)
+        grad_target = _times(grad, u.scale, grad.dtype)
         read_g = [g_ for i, g_ in enumerate(read_g) if i != spec.target]
         del reads, fresh_sides, grad
         # then the walk down: the update undone bit for bit, the checks
@@ -399,13 +403,10 @@ def run_step(call: ChainCall, source: StepSource, sides: list[torch.Tensor], par
             call.codes = [new if i == u.target else c for i, c in enumerate(call.codes)]
             value = fp.from_codes(new, call.frac_bits, call.dtype)
             if call.autograd:  # the stored reference: the same numbers, straight-through gradients
-                scale = u.scale
-                expression = call.values[u.target] * (scale.to(g.dtype) if isinstance(scale, torch.Tensor)
-                                                      else scale) + g
+                expression = _times(call.values[u.target], u.scale, g.dtype) + g
                 if u.exact is not None:
                     part, multiplier = u.exact
-                    expression = expression + reads[part] * (
-                        multiplier.to(g.dtype) if isinstance(multiplier, torch.Tensor) else multiplier)
+                    expression = expression + _times(reads[part], multiplier, g.dtype)
                 value = value + (expression - expression.detach()).to(value.dtype)
         call.values[u.target] = value
     if call.observers:
