@@ -21,7 +21,15 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from bdia_fx.passes.nodes import is_mutating, is_random, module_paths, shape_of, side_input
+from bdia_fx.passes.nodes import (
+    is_mutating,
+    is_random,
+    module_calls,
+    shape_of,
+    side_input,
+    state_write,
+    state_write_reason,
+)
 from bdia_fx.report import BlockInfo, ChainInfo, ChainReport, Rejection
 
 __all__ = ["find_branch_chains"]
@@ -74,20 +82,25 @@ def _branch(add: fx.Node, h: fx.Node, s: fx.Node, members_of: dict[str, list[fx.
     return _Branch(path, [*nodes, add], s, add, tuple(n for n in inputs if n is not s))
 
 
-def _members_by_module(graph: fx.Graph, owned: set[fx.Node]) -> dict[str, list[fx.Node]]:
+def _members_by_module(graph: fx.Graph, owned: set[fx.Node]) -> tuple[dict[str, list[fx.Node]], dict[str, int]]:
+    """Each module's nodes in its first call, and how often each module is called."""
     found: dict[str, list[fx.Node]] = {}
+    calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_function" and node not in owned:
-            for path in module_paths(node):
-                found.setdefault(path, []).append(node)
-    return found
+            for path, call in module_calls(node).items():
+                calls[path] = max(calls.get(path, 0), call + 1)
+                if call == 0:
+                    found.setdefault(path, []).append(node)
+    return found, calls
 
 
-def find_branch_chains(graph: fx.Graph, params: dict[str, str], mutated_buffers: set[str], owned: set[fx.Node],
-                       report: ChainReport, block_key: str) -> None:
+def find_branch_chains(graph: fx.Graph, params: dict[str, str], owned: set[fx.Node], report: ChainReport,
+                       block_key: str) -> None:
     """Add the parent-loop chains of ``graph`` to ``report`` (nodes in ``owned`` belong to blocks
-    already found), marking their nodes with ``node.meta[block_key] = (container, index)``."""
-    members_of = _members_by_module(graph, owned)
+    already found; ``params``: placeholder name → qualified name of the model's own state), marking
+    their nodes with ``node.meta[block_key] = (container, index)``."""
+    members_of, calls = _members_by_module(graph, owned)
     steps: dict[fx.Node, _Branch] = {}  # by add node
     for add in graph.nodes:
         if add.op != "call_function" or add.target is not _ADD or add in owned or len(add.args) < 2:
@@ -106,12 +119,13 @@ def find_branch_chains(graph: fx.Graph, params: dict[str, str], mutated_buffers:
         while chain[-1].add in following:
             chain.append(following[chain[-1].add])
         if len(chain) >= 2:
-            _report_chain(chain, mutated_buffers, report, block_key)
+            _report_chain(chain, params, calls, report, block_key)
 
 
-def _report_chain(chain: list[_Branch], mutated_buffers: set[str], report: ChainReport, block_key: str) -> None:
+def _report_chain(chain: list[_Branch], params: dict[str, str], calls: dict[str, int], report: ChainReport,
+                  block_key: str) -> None:
     container = os.path.commonpath([b.path.replace(".", "/") for b in chain]).replace("/", ".")
-    problem = _chain_problem(chain, mutated_buffers)
+    problem = _chain_problem(chain, params, calls)
     if problem is not None:
         report.rejections.append(Rejection(container, *problem))
         return
@@ -125,26 +139,27 @@ def _report_chain(chain: list[_Branch], mutated_buffers: set[str], report: Chain
         for b in chain)))
 
 
-def _chain_problem(chain: list[_Branch], mutated_buffers: set[str]) -> tuple[str, str | None, str] | None:
+def _chain_problem(chain: list[_Branch], params: dict[str, str],
+                   calls: dict[str, int]) -> tuple[str, str | None, str] | None:
     """(module, node, reason) of the first thing that keeps ``chain`` from being a BDIA chain."""
-    paths = [b.path for b in chain]
-    if len(set(paths)) < len(paths):
-        repeated = next(p for p in paths if paths.count(p) > 1)
-        return repeated, None, (f"module '{repeated}' computes more than one branch of the chain (shared weights); "
-                                "a chain needs one module per step")
+    for branch in chain:
+        if calls.get(branch.path, 1) > 1:
+            return branch.path, None, (f"module '{branch.path}' is called {calls[branch.path]} times in one forward "
+                                       "(shared weights, or the parent runs its loop again); a chain needs one "
+                                       "module per step, called once")
     for branch, after in zip(chain, chain[1:]):
         taps = [u for u in branch.add.users if u not in set(after.nodes)]
         if taps:
             return branch.path, branch.add.name, (
                 f"stream value '{branch.add.name}' after '{branch.path}' is also used by "
                 f"{', '.join(u.name for u in taps)} outside the chain; intermediate stream values are not kept by a "
-                "reversible chain")
+                "reversible chain (output_hidden_states or a layer-wise tap: turn it off, or strict=False keeps "
+                "this chain as it is)")
     for branch in chain:
         for node in branch.nodes:
             if is_mutating(node) and node.args and node.args[0] is branch.stream_in:
                 return branch.path, node.name, f"in-place op {node.target} (node '{node.name}') on the residual stream"
-        for buffer in mutated_buffers:
-            if buffer.startswith(branch.path + "."):
-                return branch.path, None, (f"module updates buffer '{buffer}' in training (e.g. BatchNorm statistics); "
-                                           "a recompute would update it twice")
+        written = state_write(branch.nodes, params)
+        if written is not None:
+            return branch.path, written[0].name, state_write_reason(*written)
     return None

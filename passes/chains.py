@@ -22,10 +22,12 @@ from bdia_fx.passes.nodes import (
     is_identity,
     is_mutating,
     is_random,
+    module_calls,
     module_paths,
     shape_of,
     side_input,
-    written_inputs,
+    state_write,
+    state_write_reason,
 )
 from bdia_fx.report import BlockInfo, ChainInfo, ChainReport, Rejection
 
@@ -115,9 +117,16 @@ def _scan_block(path: str, nodes: list[fx.Node], params: dict[str, str], want: f
         if stream_out is not None and independent:
             scan.stream_out, scan.shared = stream_out, others
             scan.problem = (stream_out.name, "block computes values from side inputs only and passes them out to the "
-                            f"later blocks ({', '.join(n.name for n in others)}; e.g. T5's position bias)")
+                            f"later blocks ({', '.join(n.name for n in others)}; e.g. T5's position bias): only a "
+                            "chain's first block may, and it then runs as it is. Compute them before the blocks")
             return scan
         scan.residual_like = stream_out is not None  # a residual block with a tap on its stream
+        streams = [n for n in outputs if _find_skip_path(n, members, inputs, None) is not None]
+        if stream_out is None and len(streams) > 1:
+            names = ", ".join(n.name for n in streams)
+            scan.problem = (streams[0].name, f"block carries {len(streams)} residual streams ({names}: each x + h "
+                            "of its own input, as in a dual-stream MM-DiT or Flux block); a BDIA chain carries one")
+            return scan
     if len(outputs) != 1:
         names = ", ".join(n.name for n in outputs) or "none"
         scan.problem = (
@@ -158,15 +167,10 @@ def _scan_block(path: str, nodes: list[fx.Node], params: dict[str, str], want: f
             scan.problem = (node.name, f"in-place op {node.target} (node '{node.name}') on the residual stream")
             scan.residual_like = True
             return scan
-        state = [w for w in written_inputs(node) if w.op == "placeholder" and w.name in params]
-        if state:
-            scan.problem = (node.name, f"block updates its state '{params[state[0].name]}' in place in its forward "
-                            f"(node '{node.name}': BatchNorm statistics, an MoE's load counts or routing bias, a call "
-                            "counter tensor); a reversible recompute would update it again and read the new value. "
-                            "Keep such state outside the block, or convert(..., strict=False) to run this chain as "
-                            "it is")
-            scan.residual_like = True  # a residual block, refused for this reason
-            return scan
+    written = state_write(nodes, params)
+    if written is not None:
+        scan.problem = (written[0].name, state_write_reason(*written))
+        scan.residual_like = True  # a residual block, refused for this reason
     return scan
 
 
@@ -196,23 +200,26 @@ def _depends_on(node: fx.Node, source: fx.Node, members: set[fx.Node]) -> bool:
     return False
 
 
-def _blocks_of(graph: fx.Graph, paths: list[str]) -> tuple[dict[str, list[fx.Node]], set[str]]:
-    """The nodes run inside each child ``path`` — in its own calls, or, for a child that is never called
-    itself (a ModuleList of [norm, branch, residual helper] the parent loop calls one by one), in its
-    submodules' calls — and the paths of the latter kind."""
+def _blocks_of(graph: fx.Graph, paths: list[str]) -> tuple[dict[str, list[fx.Node]], set[str], dict[str, int]]:
+    """The nodes run inside each child ``path`` in its first call — its own call, or, for a child that is never
+    called itself (a ModuleList of [norm, branch, residual helper] the parent loop calls one by one), its
+    submodules' calls —, the paths of the latter kind, and how often each child is called."""
     wanted = set(paths)
     direct: dict[str, list[fx.Node]] = {p: [] for p in paths}
     nested: dict[str, list[fx.Node]] = {p: [] for p in paths}
+    calls: dict[str, int] = dict.fromkeys(paths, 0)
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        own = module_paths(node)
-        for path in own & wanted:
-            direct[path].append(node)
-        for path in {a for p in own for a in _ancestors(p)[1:] if a in wanted} - own:
+        own = module_calls(node)
+        for path in own.keys() & wanted:
+            calls[path] = max(calls[path], own[path] + 1)
+            if own[path] == 0:
+                direct[path].append(node)
+        for path in {a for p in own for a in _ancestors(p)[1:] if a in wanted} - own.keys():
             nested[path].append(node)
     uncalled = {p for p in paths if not direct[p] and nested[p]}
-    return {p: direct[p] or nested[p] for p in paths}, uncalled
+    return {p: direct[p] or nested[p] for p in paths}, uncalled, calls
 
 
 def _ancestors(path: str) -> list[str]:
@@ -229,7 +236,6 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module,
     sig = ep.graph_signature
     params = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants,
               **getattr(sig, "inputs_to_lifted_custom_objs", {})}  # a block's own state, not a side input: its name
-    mutated_buffers = set(getattr(sig, "buffers_to_mutate", {}).values())
     report = ChainReport(model=type(model).__name__)
     claimed: list[str] = []  # block paths of accepted or rejected chains; nested containers skip
     order = {node: i for i, node in enumerate(graph.nodes)}
@@ -247,7 +253,7 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module,
                     "weights, as in ALBERT or a universal transformer); a chain needs one module per block"))
                 claimed.extend(paths)
             continue
-        members, uncalled = _blocks_of(graph, paths)
+        members, uncalled, calls = _blocks_of(graph, paths)
         called = [p for p in paths if members[p]]
         if not called:
             continue
@@ -255,12 +261,16 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module,
         scans: list[_BlockScan] = []
         for path in called:
             want = scans[-1].stream_out if scans and (scans[-1].problem is None or scans[-1].shared) else None
-            scans.append(_scan_block(path, members[path], params, want, residual_only))
+            scan = _scan_block(path, members[path], params, want, residual_only)
+            if want is not None and scan.stream_in is None:  # x + h(x) of another value? (checked as a link)
+                alone = _scan_block(path, members[path], params, None, residual_only)
+                scan = alone if alone.stream_in is not None else scan
+            scans.append(scan)
         residual = [s for s in scans if _residual(s)]
         if uncalled & set(called) and len(residual) < len(scans):
             continue  # parts the parent calls one by one that are not all residual: no candidate (their own may be)
         if not residual:
-            report.ignored.append((container, "its numbered children are not residual blocks"))
+            report.ignored.append((container, f"its numbered children are not residual blocks ({_why_not(scans)})"))
             continue
         first = next(i for i, scan in enumerate(scans) if _residual(scan))
         last = max(i for i, scan in enumerate(scans) if _residual(scan)) + 1
@@ -271,8 +281,9 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module,
             claimed.extend(outside)
             called, scans, residual = called[first:last], scans[first:last], scans[first:last]
         if len(residual) < len(scans) and _has_nested_candidate(candidate, candidates):
-            report.ignored.append((container, "not all of its numbered children are residual blocks (stages of "
-                                              "blocks and downsampling?): chains searched one level deeper"))
+            report.ignored.append((container, f"not all of its numbered children are residual blocks "
+                                              f"({_why_not(scans)}): chains searched one level deeper (stages of "
+                                              "blocks and downsampling?)"))
             continue
         if scans[0].shared and len(scans) > 1:  # block 0 makes what the others share: the chain starts after it
             report.notes.append(f"'{scans[0].path}' runs as it is (not in the chain): it computes "
@@ -283,12 +294,12 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module,
                   for i in range(1, len(scans))]
         if not candidate.one_class and len(residual) < len(scans):
             report.ignored.append((container, "its numbered children are of different classes "
-                                              "and not all residual blocks"))
+                                              f"and not all residual blocks ({_why_not(scans)})"))
             continue
         if len(scans) > 1 and not any(linked) and not _feeds(scans):
             report.ignored.append((container, "its numbered children do not feed one another"))
             continue
-        rejection = _chain_problem(container, scans, linked, mutated_buffers)
+        rejection = _repeated_call(container, called, calls) or _chain_problem(container, scans, linked)
         if rejection is not None and uncalled & set(called):
             continue  # as above: only a chain that is sound but for its calls is refused for them
         claimed.extend(called)
@@ -317,11 +328,17 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module,
             )
         )
     owned = {n for n in graph.nodes if BLOCK_META_KEY in n.meta or module_paths(n) & set(claimed)}
-    find_branch_chains(graph, params, mutated_buffers, owned, report, BLOCK_META_KEY)
+    find_branch_chains(graph, params, owned, report, BLOCK_META_KEY)
     branch_chains = [c.container for c in report.chains if c.branch]
     report.ignored = [(name, why) for name, why in report.ignored
                       if not any(name == c or name.startswith(c + ".") for c in branch_chains)]
     return report
+
+
+def _why_not(scans: list[_BlockScan]) -> str:
+    """Why the first child that is no residual block is not one: its path and reason."""
+    scan = next(s for s in scans if not _residual(s))
+    return f"'{scan.path}': {scan.problem[1] if scan.problem else 'not x + h(x)'}"
 
 
 def _residual(scan: _BlockScan) -> bool:
@@ -371,15 +388,20 @@ def _uncalled_block(container: str, scans: list[_BlockScan]) -> Rejection | None
     return None
 
 
-def _chain_problem(container: str, scans: list[_BlockScan], linked: list[bool],
-                   mutated_buffers: set[str]) -> Rejection | None:
+def _repeated_call(container: str, paths: list[str], calls: dict[str, int]) -> Rejection | None:
+    """A block called more than once in one forward (the parent loops over the blocks again)."""
+    path = next((p for p in paths if calls[p] > 1), None)
+    if path is None:
+        return None
+    return Rejection(container, path, None, f"'{path}' is called {calls[path]} times in one forward (the parent "
+                     "runs the blocks more than once: weights shared across depth); a reversible chain runs each "
+                     "block once per call")
+
+
+def _chain_problem(container: str, scans: list[_BlockScan], linked: list[bool]) -> Rejection | None:
     for scan in scans:
         if scan.problem is not None:
             return Rejection(container, scan.path, scan.problem[0], scan.problem[1])
-        for buffer in mutated_buffers:
-            if buffer.startswith(scan.path + "."):
-                return Rejection(container, scan.path, None, f"block updates buffer '{buffer}' in training "
-                                 "(e.g. BatchNorm statistics); a recompute would update it twice")
     if len(scans) < 2:
         return Rejection(container, scans[0].path, None,
                          f"fewer than 2 blocks ({len(scans)}): BDIA needs a chain of at least 2")
@@ -399,6 +421,7 @@ def _chain_problem(container: str, scans: list[_BlockScan], linked: list[bool],
                 container, prev.path, prev.stream_out.name,
                 f"stream value '{prev.stream_out.name}' between '{prev.path}' and '{nxt.path}' is also used by "
                 f"{names} outside the chain (output_hidden_states or a layer-wise tap); "
-                "intermediate stream values are not kept by a reversible chain",
+                "intermediate stream values are not kept by a reversible chain (turn the tap off, or strict=False "
+                "keeps this chain as it is)",
             )
     return None

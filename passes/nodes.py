@@ -9,7 +9,8 @@ from torch import fx
 from bdia_fx.report import SideInput
 
 __all__ = ["ADD_TARGETS", "CAST_TARGETS", "IDENTITY_TARGETS", "RESHAPE_TARGETS", "is_identity", "is_mutating",
-           "is_random", "module_paths", "shape_of", "side_input", "written_inputs"]
+           "is_random", "module_calls", "module_paths", "shape_of", "side_input", "state_write", "state_write_reason",
+           "written_inputs"]
 
 ADD_TARGETS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
 CAST_TARGETS = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout,
@@ -33,6 +34,33 @@ def is_identity(node: fx.Node) -> bool:
 def module_paths(node: fx.Node) -> set[str]:
     stack = node.meta.get("nn_module_stack") or {}
     return {path for path, _ in stack.values()}
+
+
+def module_calls(node: fx.Node) -> dict[str, int]:
+    """The module paths of ``node``'s stack, each with which call of that module it runs in (0: the first;
+    torch.export keys the n-th repeated call of a module ``...@n``)."""
+    calls = {}
+    for key, (path, _) in (node.meta.get("nn_module_stack") or {}).items():
+        _, at, count = str(key).rpartition("@")
+        calls[path] = int(count) if at and count.isdigit() else 0
+    return calls
+
+
+def state_write(nodes: list[fx.Node], params: dict[str, str]) -> tuple[fx.Node, str] | None:
+    """The first of ``nodes`` that writes a module's own state in place (a parameter or buffer, by its
+    placeholder in ``params``: placeholder name → qualified name), and that state's name."""
+    for node in nodes:
+        state = [w for w in written_inputs(node) if w.op == "placeholder" and w.name in params]
+        if state:
+            return node, params[state[0].name]
+    return None
+
+
+def state_write_reason(node: fx.Node, name: str) -> str:
+    """Why a block writing its own state in its forward cannot be a reversible block (one rule, every chain)."""
+    return (f"block updates its state '{name}' in place in its forward (node '{node.name}': BatchNorm statistics, "
+            "an MoE's load counts or routing bias, a call counter tensor); a reversible recompute would update it "
+            "again and read the new value. Keep such state outside the block (or update it after the step)")
 
 
 def shape_of(node: fx.Node) -> tuple[int, ...] | None:

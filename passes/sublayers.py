@@ -45,7 +45,9 @@ def split_steps(nodes: list[fx.Node], stream_in: fx.Node, out: fx.Node,
     members = set(nodes)
     hit = _find_skip_path(out, members, [stream_in], stream_in)
     if hit is None:
-        raise ConversionError("sublayer split: block output is not x + h(x) through a path of adds", module=where)
+        raise ConversionError(f"sublayer split: block output '{out.name}' is not x + h(x) through a path of adds "
+                              "(a post-LN block?), so it has no sublayer steps; use granularity='block'",
+                              module=where, node=out.name)
     skip = list(reversed(hit[1]))  # forward order: adds (and identity casts) from the input to the output
     position = {stream_in: 0}  # stream values in order: the input, then each add (casts keep their input's)
     previous = stream_in
