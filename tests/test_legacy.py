@@ -21,9 +21,19 @@ def test_a_0_1_state_dict_loads_into_a_model_converted_now_with_the_same_outputs
     conv = bdia_fx.convert(TinyGPT(vocab=50, d=16, heads=2, layers=2, max_len=16), (saved["ids"],))
     conv.load_state_dict(saved["state_dict"])
     conv.eval()
+    plain = TinyGPT(vocab=50, d=16, heads=2, layers=2, max_len=16)
+    plain.load_state_dict(saved["state_dict"])
     with torch.no_grad():
-        assert torch.equal(conv(saved["ids"]), saved["converted_eval"])
-        assert torch.equal(bdia_fx.revert(conv)(saved["ids"]), saved["reverted_eval"])
+        assert torch.equal(conv(saved["ids"]), saved["converted_eval"])  # fixed point: the same on every CPU
+        reverted = bdia_fx.revert(conv)(saved["ids"])
+        assert torch.equal(reverted, plain.eval()(saved["ids"]))
+    _assert_as_saved(reverted, saved["reverted_eval"])
+
+
+def _assert_as_saved(got: torch.Tensor, saved: torch.Tensor) -> None:
+    """A float output equal to 0.1's up to the last bits another CPU's kernels round differently (the
+    fixtures' machine and this one need not share an instruction set)."""
+    torch.testing.assert_close(got, saved, rtol=1e-5, atol=1e-6)
 
 
 def test_a_0_1_save_pretrained_directory_loads_with_the_same_outputs():
@@ -35,7 +45,7 @@ def test_a_0_1_save_pretrained_directory_loads_with_the_same_outputs():
         plain = model(saved["ids"], use_cache=False).logits
         conv = bdia_fx.convert(model, (saved["ids"],))
         reverted = bdia_fx.revert(conv)(saved["ids"], use_cache=False).logits
-    assert torch.equal(reverted, saved["reverted_eval"])
+    _assert_as_saved(reverted, saved["reverted_eval"])
     torch.testing.assert_close(plain, saved["reverted_eval"], rtol=0, atol=1e-4)  # γ = 0, quantized to 2^-frac_bits
 
 

@@ -10,10 +10,12 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.bdia-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+zoo=benchmarks/zoo-requirements.txt  # third-party transformers, pinned; --no-deps (see the file)
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$zoo" -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "torch==2.13.0"
   .venv/bin/python -m pip install -q -e ".[test,hf,onnx,viz,examples,docs]"
+  .venv/bin/python -m pip install -q --no-deps -r "$zoo"
   touch "$stamp"
 fi
 # graphviz's `dot` draws the pictures of `bdia-inspect --draw` (and its test); install it where we can.
