@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from bdia_fx import legacy
 from bdia_fx.lazy import lazy_names
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 
 _EXPORTS = {
     "BDIAConfig": "bdia_fx.config",

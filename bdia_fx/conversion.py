@@ -36,6 +36,7 @@ from bdia_fx.module_tree import (
     capture_twin,
     infer_batch_dim,
     install_boundary,
+    install_pre_proxy,
     install_proxy,
     original_class,
     shallow_clone,
@@ -170,13 +171,18 @@ def _plan(model: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) ->
         for chain in report.chains:
             blocks = [modules[p] for p in chain.block_paths]
             batch_dim = state.config.batch_dim if state.config.batch_dim is not None else infer_batch_dim(blocks)
+            pres = [modules[b.pre] if b.pre else None for b in chain.blocks]
             runtime = ChainRuntime(
                 chain.container, chain.block_paths, blocks, [original_class(b) for b in blocks],
                 state.config, batch_dim, [b.random for b in chain.blocks], slots[chain.container],
                 _plan_sublayers if state.config.granularity == "sublayer" else None, chain.branch,
+                pres, [(b.owner or b.path, modules[b.owner or b.path]) for b in chain.blocks],
+                [_outside_state(model, modules[b.owner or b.path], b.outside) for b in chain.blocks],
             )
             for index, block in enumerate(blocks):
                 install_proxy(block, runtime, index)
+            for pre in filter(None, pres):
+                install_pre_proxy(pre)
             install_boundary(modules[chain.container.rpartition(".")[0]], runtime)  # the module looping over the blocks
             state.runtimes[chain.container] = runtime
     else:
@@ -198,6 +204,19 @@ def _plan(model: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) ->
         state.graph = rewrite_chains(state.plan, chains, state.config.frac_bits)
     _turn_off_hf_checkpointing(state)
     state.patterns.add(call_pattern(args, kwargs))
+
+
+def _outside_state(model: nn.Module, owner: nn.Module, names: tuple[str, ...]) -> list[tuple[str, nn.Module, str]]:
+    """(name, module, attribute) of each parameter or buffer a step reads from outside its ``owner`` (the
+    captured names may reach the step's own state by another path: those are the owner's)."""
+    own = {id(t) for t in (*owner.parameters(), *owner.buffers())}
+    found = []
+    for name in names:
+        path, _, attribute = name.rpartition(".")
+        module = model.get_submodule(path)
+        if id(getattr(module, attribute)) not in own:
+            found.append((name, module, attribute))
+    return found
 
 
 def _with_step_ends(report: ChainReport, ends: dict[str, list[list[str]]]) -> ChainReport:

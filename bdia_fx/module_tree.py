@@ -7,6 +7,7 @@ import copy
 import functools
 import inspect
 import logging
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,9 +15,9 @@ import torch
 from torch import nn
 
 __all__ = ["CHECKPOINT_FORMS", "CompileBoundary", "boundary_suspended", "capture_twin", "infer_batch_dim",
-           "install_boundary", "install_inference_proxy", "install_proxy", "is_inference_proxy",
-           "model_modes_suspended", "original_class", "proxy_class", "remove_boundary", "remove_proxy",
-           "shallow_clone"]
+           "install_boundary", "install_inference_proxy", "install_pre_proxy", "install_proxy", "is_inference_proxy",
+           "model_modes_suspended", "original_class", "pre_call_of", "proxy_class", "remove_boundary",
+           "remove_proxy", "shallow_clone"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,35 @@ def _top_function_mode() -> Any:
     return torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1)
 
 
+_PRE_CALLS: dict[int, tuple[weakref.ref, weakref.ref, weakref.ref]] = {}  # id(output) -> (output, input, module)
+
+
+def _pre_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """A module the stream passes through before a branch (h(x) = branch(pre(x)), x-transformers' pre-norm):
+    it runs as it is, and its output remembers the stream it came from (weakly) for the branch's call."""
+    out = original_class(self).forward(self, *args, **kwargs)
+    if (isinstance(out, torch.Tensor) and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+            and not torch.compiler.is_dynamo_compiling()):  # torch.export runs this code: it records too
+        key = id(out)
+        _PRE_CALLS[key] = (weakref.ref(out, lambda _, key=key: _PRE_CALLS.pop(key, None)), weakref.ref(args[0]),
+                           weakref.ref(self))
+    return out
+
+
+def pre_call_of(value: torch.Tensor) -> tuple[torch.Tensor, nn.Module] | None:
+    """The stream and the pre module (see :func:`install_pre_proxy`) whose call returned ``value``, if one did."""
+    found = _PRE_CALLS.get(id(value))
+    if found is None or found[0]() is not value:
+        return None
+    stream, module = found[1](), found[2]()
+    return (stream, module) if stream is not None and module is not None else None
+
+
+def install_pre_proxy(module: nn.Module) -> None:
+    """Make ``module`` remember, for each call, the stream it was given (:func:`pre_call_of`)."""
+    module.__class__ = proxy_class(original_class(module), "pre")
+
+
 def _inference_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return self._bdia_form.run_block(self._bdia_index, self, original_class(self), args, kwargs, self._bdia_path,
                                      self._bdia_slots, self._bdia_branch)
@@ -152,7 +182,7 @@ def _checkpointed(early_stop: bool, reentrant: bool):
     return forward
 
 
-_FORWARDS = {"bdia": _chain_forward, "inference": _inference_forward,
+_FORWARDS = {"bdia": _chain_forward, "inference": _inference_forward, "pre": _pre_forward,
              **{kind: _checkpointed(*form) for kind, form in CHECKPOINT_FORMS.items()}}
 
 
@@ -170,7 +200,8 @@ def proxy_class(cls: type, kind: str = "bdia") -> type:
 
     ``"bdia"`` hands the call to the block's chain runtime; ``"inference"`` runs step k of a chain's
     inference form (:class:`bdia_fx.run.runtime.InferenceForm`: the quantized γ = 0 step of BDIA, a shear
-    scheme's own step), as a reverted model does where it is not the original block; ``"checkpoint"``
+    scheme's own step), as a reverted model does where it is not the original block; ``"pre"`` runs the
+    original forward and remembers its stream for the branch it feeds (:func:`pre_call_of`); ``"checkpoint"``
     (and the other :data:`CHECKPOINT_FORMS`) runs the original forward under ``torch.utils.checkpoint``
     (the baselines of comparisons).
     Proxies pickle (``torch.save``, ``copy.deepcopy``) as their original class plus the kind.

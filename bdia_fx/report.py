@@ -51,6 +51,9 @@ class BlockInfo:
     stream_shape: tuple[int, ...] | None = None
     step_ends: tuple[str, ...] = ()  # granularity="sublayer": the residual add ending each step
     branch: bool = False  # the module computes h(x) only; the residual add is in the parent's code
+    pre: str | None = None  # a branch's module the stream passes through first (h(x) = branch(pre(x)))
+    owner: str = ""  # a branch step's modules' holder: the layer of pre and branch, else the block ("": the block)
+    outside: tuple[str, ...] = ()  # parameters and buffers the step reads from modules outside it (by name)
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,8 @@ class ChainReport:
             rows = [("block", "stream in -> out", "side inputs", "random", "nodes")]
             for b in chain.blocks:
                 sides = ", ".join(str(s) for s in b.side_inputs) or "-"
-                rows.append((b.path, f"{b.stream_in} -> {b.stream_out}", sides, "yes" if b.random else "no",
+                path = f"{b.pre} -> {b.path}" if b.pre else b.path  # a layer called part by part: h = branch(pre)
+                rows.append((path, f"{b.stream_in} -> {b.stream_out}", sides, "yes" if b.random else "no",
                              str(b.n_nodes)))
             lines.extend("    " + line for line in _table(rows))
         if self.rejections:

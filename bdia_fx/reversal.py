@@ -58,6 +58,7 @@ def revert(model: nn.Module, quantize: bool = False) -> nn.Module:
         graph = revert_chains(state.graph, state.plan, quantize, state.config.frac_bits, schemes)
     detach_state(clone)
     modules = dict(clone.named_modules())
+    path_of = {id(module): name for name, module in model.named_modules()}
     for runtime in state.runtimes.values():
         remove_boundary(modules[runtime.container.rpartition(".")[0]])
         original = not quantize and runtime.scheme.original_at_inference  # the blocks as they were
@@ -66,6 +67,8 @@ def revert(model: nn.Module, quantize: bool = False) -> nn.Module:
             remove_proxy(modules[path])
             if not original:
                 install_inference_proxy(modules[path], index, form, path, runtime.slots[index], runtime.branch)
+            elif runtime.pres[index] is not None:  # the form no longer needs its stream
+                remove_proxy(modules[path_of[id(runtime.pres[index])]])
     _REVERTED[clone] = RevertedInfo(graph, quantize, state.config.frac_bits)
     return clone
 

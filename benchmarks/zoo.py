@@ -61,10 +61,10 @@ def _tokens(batch: int = 2, length: int = 8, vocab: int = 64, low: int = 0) -> t
     return torch.randint(low, vocab, (batch, length))
 
 
-def _x_transformers(attn: str, vision: bool = False) -> Built:
+def _x_transformers(attn: str, vision: bool = False, **options) -> Built:
     import x_transformers as xt
 
-    layers = getattr(xt, attn)(dim=32, depth=3, heads=2)
+    layers = getattr(xt, attn)(dim=32, depth=3, heads=2, **options)
     if vision:
         return xt.ViTransformerWrapper(image_size=16, patch_size=4, num_classes=10, attn_layers=layers), \
             (torch.randn(2, 3, 16, 16),), {}
@@ -194,6 +194,8 @@ def _module_file(package: str, module: str):
 
 ZOO = [
     ZooModel("x-transformers-decoder", "x-transformers", "decoder", lambda: _x_transformers("Decoder")),
+    ZooModel("x-transformers-decoder-relpos", "x-transformers", "decoder",
+             lambda: _x_transformers("Decoder", rel_pos_bias=True, ff_glu=True, use_rmsnorm=True)),
     ZooModel("x-transformers-encoder", "x-transformers", "encoder", lambda: _x_transformers("Encoder")),
     ZooModel("x-transformers-encoder-decoder", "x-transformers", "encoder-decoder", _x_transformers_encoder_decoder),
     ZooModel("x-transformers-vit", "x-transformers", "vision", lambda: _x_transformers("Encoder", vision=True)),
@@ -308,11 +310,13 @@ def markdown(results: list[ZooResult]) -> str:
         "|---|---|---|---|---|---|---|",
         *rows,
         "",
+        "x-transformers keeps each layer as `ModuleList([norms, block, residual])` and its parent loop calls the",
+        "parts one by one (`x = residual(block(norm(x)), x)`): each layer is one step h(x) = block(norm(x)), the",
+        "stream matched from the norm's call to the block's, and the relative position bias the parent passes to",
+        "every attention block gets its gradient as a parameter read from outside the block (docs/guide.md).",
+        "",
         "## Why the refused ones are refused",
         "",
-        "- **x-transformers** keeps each layer as `ModuleList([norms, block, residual])` and its parent loop calls",
-        "  the parts one by one (`x = residual(block(norm(x)), x)`): no module call is the layer, and a reversible",
-        "  chain runs each block by its call. Converting it needs a module per layer.",
         "- **RoBERTa** (ibm-fms) and **Conformer** normalise after the residual add (post-LN): a block is not",
         "  x + h(x). `BDIAConfig(residual_only=False)` trains such chains experimentally (docs/accuracy.md).",
         "- **SD3's MM-DiT** blocks carry two residual streams (image and text); a BDIA chain carries one.",

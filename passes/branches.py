@@ -25,6 +25,7 @@ from bdia_fx.passes.nodes import (
     is_mutating,
     is_random,
     module_calls,
+    outside_state,
     shape_of,
     side_input,
     state_write,
@@ -44,6 +45,8 @@ class _Branch:
     stream_in: fx.Node
     add: fx.Node
     side_inputs: tuple[fx.Node, ...]
+    pre: str | None = None  # a module the stream passes through first (x-transformers' pre-norm), else None
+    owner: str = ""  # the module holding the step's modules: the branch, or the layer holding pre and branch
 
 
 def _ordered_paths(node: fx.Node) -> list[str]:
@@ -74,12 +77,48 @@ def _branch(add: fx.Node, h: fx.Node, s: fx.Node, members_of: dict[str, list[fx.
     leaving = [n for n in nodes if any(user not in members for user in n.users)]
     if leaving != [h] or list(h.users) != [add] or not (shape_of(s) == shape_of(h) == shape_of(add)):
         return None
-    inputs = list(dict.fromkeys(arg for n in nodes for arg in n.all_input_nodes
-                                if arg not in members and arg.op != "get_attr"
-                                and not (arg.op == "placeholder" and arg.name in params)))
-    if s not in inputs:
+    inputs = _inputs(nodes, params)
+    if s in inputs:
+        return _Branch(path, [*nodes, add], s, add, tuple(n for n in inputs if n is not s), owner=path)
+    pre = _pre_module(add, s, path, inputs, members, members_of, params)
+    if pre is None:
         return None
-    return _Branch(path, [*nodes, add], s, add, tuple(n for n in inputs if n is not s))
+    pre_path, pre_out = pre
+    owner = _common_module(pre_path, path)
+    return _Branch(path, [*members_of[pre_path], *nodes, add], s, add, tuple(n for n in inputs if n is not pre_out),
+                   pre=pre_path, owner=owner)
+
+
+def _inputs(nodes: list[fx.Node], params: dict[str, str]) -> list[fx.Node]:
+    """The values ``nodes`` read from outside themselves, other than the model's own state."""
+    members = set(nodes)
+    return list(dict.fromkeys(arg for n in nodes for arg in n.all_input_nodes
+                              if arg not in members and arg.op != "get_attr"
+                              and not (arg.op == "placeholder" and arg.name in params)))
+
+
+def _pre_module(add: fx.Node, s: fx.Node, branch_path: str, inputs: list[fx.Node], branch: set[fx.Node],
+                members_of: dict[str, list[fx.Node]], params: dict[str, str]) -> tuple[str, fx.Node] | None:
+    """A module call the stream ``s`` passes through on its way into the branch (``block(norm(x))``, with the
+    norm a sibling of the block under one layer, as in x-transformers): its path and output, if its only input
+    is ``s``, its only value leaving it is that output, and only the branch reads it."""
+    for value in inputs:
+        path = _branch_module(add, value)
+        nodes = members_of.get(path or "", [])
+        if not nodes or path is None or not _common_module(path, branch_path):
+            continue
+        members = set(nodes)
+        leaving = [n for n in nodes if any(user not in members for user in n.users)]
+        if (leaving == [value] and _inputs(nodes, params) == [s] and all(u in branch for u in value.users)
+                and shape_of(value) == shape_of(s)):
+            return path, value
+    return None
+
+
+def _common_module(a: str, b: str) -> str:
+    """The deepest module path above (or equal to) both ``a`` and ``b`` that is numbered (``layers.3``)."""
+    common = os.path.commonpath([a.replace(".", "/"), b.replace(".", "/")]).replace("/", ".")
+    return common if any(part.isdigit() for part in common.split(".")) else ""
 
 
 def _members_by_module(graph: fx.Graph, owned: set[fx.Node]) -> tuple[dict[str, list[fx.Node]], dict[str, int]]:
@@ -95,11 +134,12 @@ def _members_by_module(graph: fx.Graph, owned: set[fx.Node]) -> tuple[dict[str, 
     return found, calls
 
 
-def find_branch_chains(graph: fx.Graph, params: dict[str, str], owned: set[fx.Node], report: ChainReport,
-                       block_key: str) -> None:
+def find_branch_chains(graph: fx.Graph, params: dict[str, str], state: dict[str, str], owned: set[fx.Node],
+                       report: ChainReport, block_key: str) -> None:
     """Add the parent-loop chains of ``graph`` to ``report`` (nodes in ``owned`` belong to blocks
-    already found; ``params``: placeholder name → qualified name of the model's own state), marking
-    their nodes with ``node.meta[block_key] = (container, index)``."""
+    already found; ``params``: placeholder name → qualified name of the model's own state and constants,
+    ``state``: of its parameters and buffers only), marking their nodes with
+    ``node.meta[block_key] = (container, index)``."""
     members_of, calls = _members_by_module(graph, owned)
     steps: dict[fx.Node, _Branch] = {}  # by add node
     for add in graph.nodes:
@@ -119,11 +159,11 @@ def find_branch_chains(graph: fx.Graph, params: dict[str, str], owned: set[fx.No
         while chain[-1].add in following:
             chain.append(following[chain[-1].add])
         if len(chain) >= 2:
-            _report_chain(chain, params, calls, report, block_key)
+            _report_chain(chain, params, state, calls, report, block_key)
 
 
-def _report_chain(chain: list[_Branch], params: dict[str, str], calls: dict[str, int], report: ChainReport,
-                  block_key: str) -> None:
+def _report_chain(chain: list[_Branch], params: dict[str, str], state: dict[str, str], calls: dict[str, int],
+                  report: ChainReport, block_key: str) -> None:
     container = os.path.commonpath([b.path.replace(".", "/") for b in chain]).replace("/", ".")
     problem = _chain_problem(chain, params, calls)
     if problem is not None:
@@ -135,7 +175,8 @@ def _report_chain(chain: list[_Branch], params: dict[str, str], calls: dict[str,
     report.chains.append(ChainInfo(container=container, blocks=tuple(
         BlockInfo(path=b.path, stream_in=b.stream_in.name, stream_out=b.add.name,
                   side_inputs=tuple(side_input(n) for n in b.side_inputs), random=any(is_random(n) for n in b.nodes),
-                  n_nodes=len(b.nodes), stream_shape=shape_of(b.stream_in), branch=True)
+                  n_nodes=len(b.nodes), stream_shape=shape_of(b.stream_in), branch=True, pre=b.pre, owner=b.owner,
+                  outside=outside_state(b.nodes, state, b.owner))
         for b in chain)))
 
 

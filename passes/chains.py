@@ -24,6 +24,7 @@ from bdia_fx.passes.nodes import (
     is_random,
     module_calls,
     module_paths,
+    outside_state,
     shape_of,
     side_input,
     state_write,
@@ -234,10 +235,12 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module,
     ``residual_only=False`` also chains of blocks that are any map of the stream (post-LN)."""
     graph = ep.graph
     sig = ep.graph_signature
-    params = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants,
+    state = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}  # placeholder -> the module state's name
+    params = {**state, **sig.inputs_to_lifted_tensor_constants,
               **getattr(sig, "inputs_to_lifted_custom_objs", {})}  # a block's own state, not a side input: its name
     report = ChainReport(model=type(model).__name__)
     claimed: list[str] = []  # block paths of accepted or rejected chains; nested containers skip
+    pending: list[tuple[Rejection, set[str]]] = []  # layers called part by part, and their paths
     order = {node: i for i, node in enumerate(graph.nodes)}
 
     candidates = _candidate_containers(model)
@@ -303,7 +306,9 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module,
         if rejection is not None and uncalled & set(called):
             continue  # as above: only a chain that is sound but for its calls is refused for them
         claimed.extend(called)
-        rejection = rejection or _uncalled_block(container, scans)
+        if rejection is None and (parts := _uncalled_block(container, scans)) is not None:
+            pending.append((parts, set(called)))  # unless the parent-loop search finds its steps (pre + branch)
+            continue
         if rejection is not None:
             report.rejections.append(rejection)
             continue
@@ -322,13 +327,16 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module,
                         random=any(is_random(n) for n in s.nodes),
                         n_nodes=len(s.nodes),
                         stream_shape=shape_of(s.stream_in),
+                        outside=outside_state(s.nodes, state, s.path),
                     )
                     for s in scans
                 ),
             )
         )
     owned = {n for n in graph.nodes if BLOCK_META_KEY in n.meta or module_paths(n) & set(claimed)}
-    find_branch_chains(graph, params, owned, report, BLOCK_META_KEY)
+    find_branch_chains(graph, params, state, owned, report, BLOCK_META_KEY)
+    stepped = {b.owner for c in report.chains if c.branch for b in c.blocks}
+    report.rejections.extend(rejection for rejection, paths in pending if not paths & stepped)
     branch_chains = [c.container for c in report.chains if c.branch]
     report.ignored = [(name, why) for name, why in report.ignored
                       if not any(name == c or name.startswith(c + ".") for c in branch_chains)]

@@ -9,8 +9,8 @@ from torch import fx
 from bdia_fx.report import SideInput
 
 __all__ = ["ADD_TARGETS", "CAST_TARGETS", "IDENTITY_TARGETS", "RESHAPE_TARGETS", "is_identity", "is_mutating",
-           "is_random", "module_calls", "module_paths", "shape_of", "side_input", "state_write", "state_write_reason",
-           "written_inputs"]
+           "is_random", "module_calls", "module_paths", "outside_state", "shape_of", "side_input", "state_write",
+           "state_write_reason", "written_inputs"]
 
 ADD_TARGETS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
 CAST_TARGETS = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout,
@@ -54,6 +54,13 @@ def state_write(nodes: list[fx.Node], params: dict[str, str]) -> tuple[fx.Node, 
         if state:
             return node, params[state[0].name]
     return None
+
+
+def outside_state(nodes: list[fx.Node], params: dict[str, str], path: str) -> tuple[str, ...]:
+    """The qualified names of the model state (parameters, buffers) that ``nodes`` read from outside the module
+    at ``path``: a module passed in as an argument (x-transformers' relative position bias) or held elsewhere."""
+    read = {params[a.name] for n in nodes for a in n.all_input_nodes if a.op == "placeholder" and a.name in params}
+    return tuple(sorted(name for name in read if not name.startswith(f"{path}.")))
 
 
 def state_write_reason(node: fx.Node, name: str) -> str:

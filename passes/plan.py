@@ -94,7 +94,7 @@ def plan_model(graph_module: fx.GraphModule, report: ChainReport, granularity: s
             nodes = [n for n in graph_module.graph.nodes if n.meta.get(BLOCK_META_KEY) == (info.container, index)]
             stream_in, stream_out = by_name[block.stream_in], by_name[block.stream_out]
             sides = [by_name[s.node] for s in block.side_inputs]
-            steps = plan_steps(graph_module, nodes, stream_in, stream_out, sides, f"{block.path}.",
+            steps = plan_steps(graph_module, nodes, stream_in, stream_out, sides, f"{block.owner or block.path}.",
                                "block" if block.branch else granularity, block.path)
             blocks.append(BlockPlan(block.path, nodes, stream_in, stream_out, sides, steps))
         chain_sides = list(dict.fromkeys(node for b in blocks for node in b.side_inputs))

@@ -7,6 +7,7 @@ import torch
 from bdia_fx.run.frame import ChainObserver
 
 from models import (
+    HelperResidualStack,
     ParentLoopViT,
     TinyGPT,
     encoder,
@@ -40,6 +41,7 @@ TRAINING_CASES = {
     "parent-loop-x-plus-h": (lambda: ParentLoopViT(skip_first=True), lambda: (torch.randn(3, 8, 8),), {}),
     "sequential-of-residual-wrappers": (lambda: residual_sequential(), lambda: (torch.randn(3, 8, 8),), {}),
     "flat-sequential-with-final-norm": (lambda: flat_sequential_lm(), lambda: (torch.randint(0, 64, (2, 8)),), {}),
+    "layer-parts-x-transformers-style": (lambda: HelperResidualStack(), lambda: (torch.randn(3, 5, 16),), {}),
 }
 
 # name -> (build model, inputs of (batch, length), example kwargs): models revert and export
@@ -55,6 +57,7 @@ SIZED_CASES = {
     "parent-loop": (lambda: ParentLoopViT(), lambda b, t: (torch.randn(b, t, 8),), {}),
     "sequential-of-residual-wrappers": (lambda: residual_sequential(), lambda b, t: (torch.randn(b, t, 8),), {}),
     "flat-sequential-with-final-norm": (lambda: flat_sequential_lm(), lambda b, t: (torch.randint(0, 64, (b, t)),), {}),
+    "layer-parts-x-transformers-style": (lambda: HelperResidualStack(), lambda b, t: (torch.randn(b, t, 16),), {}),
 }
 
 

@@ -339,15 +339,42 @@ class ResidualHelper(nn.Module):
 
 
 class HelperResidualStack(nn.Module):
-    """Per layer a ModuleList [norm, branch, residual helper]; the parent's loop does
-    ``x = residual(branch(norm(x)), x)``, so a layer is never called as one module."""
+    """x-transformers' layout: per layer a ModuleList [norms, branch, residual helper], and the parent's loop
+    does ``x = residual(branch(norm(x)), x)``, so a layer is never called as one module. With ``sandwich``
+    a second norm runs on the branch's output before the add (x-transformers' ``sandwich_norm``)."""
 
-    def __init__(self, d: int = 16, layers: int = 3):
+    def __init__(self, d: int = 16, layers: int = 3, sandwich: bool = False):
         super().__init__()
-        self.layers = nn.ModuleList(nn.ModuleList([nn.LayerNorm(d), feed_forward(d, dropout=0.0), ResidualHelper()])
-                                    for _ in range(layers))
+        self.layers = nn.ModuleList(
+            nn.ModuleList([nn.ModuleList([nn.LayerNorm(d), nn.LayerNorm(d) if sandwich else None]),
+                           feed_forward(d, dropout=0.0), ResidualHelper()])
+            for _ in range(layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for norm, branch, residual in self.layers:
-            x = residual(branch(norm(x)), x)
+        for (norm, after), branch, residual in self.layers:
+            out = branch(norm(x))
+            x = residual(after(out) if after is not None else out, x)
+        return x
+
+
+class BlockWithAModuleArgument(nn.Module):
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.ln, self.lin = nn.LayerNorm(d), nn.Linear(d, d)
+
+    def forward(self, x, shared):
+        return x + self.lin(self.ln(x)) + shared(x)  # a module passed in: its weight is outside the block
+
+
+class SharedModuleStack(nn.Module):
+    """x-transformers' relative position bias: one module the parent passes to every block."""
+
+    def __init__(self, layers: int = 3, d: int = 16):
+        super().__init__()
+        self.shared = nn.Linear(d, d)
+        self.layers = nn.ModuleList(BlockWithAModuleArgument(d) for _ in range(layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x, self.shared)
         return x

@@ -20,6 +20,7 @@ from torch import nn
 
 from bdia_fx.calls import BlockCall, StreamSlots, split_output
 from bdia_fx.errors import ConversionError
+from bdia_fx.module_tree import original_class
 
 __all__ = ["CallMap", "OriginalCall", "PlannedMap", "StepSource"]
 
@@ -34,6 +35,8 @@ class CallMap:
 
     def _run(self, z: torch.Tensor) -> torch.Tensor:
         source = self.source
+        if source.pre is not None:  # h(z) = branch(pre(z))
+            z = original_class(source.pre).forward(source.pre, z)
         args, kwargs = self.call.with_stream(z)
         if self.params is None:
             out = source.original.forward(source.block, *args, **kwargs)
@@ -85,8 +88,9 @@ class StepSource:
 
     def __init__(self, block: nn.Module, original: type, path: str, slots: StreamSlots, branch: bool,
                  call: BlockCall | None = None, graph: Any = None, caller: OriginalCall | None = None,
-                 param_names: Sequence[str] = ()):
+                 param_names: Sequence[str] = (), pre: nn.Module | None = None):
         self.block, self.original, self.path, self.slots, self.branch = block, original, path, slots, branch
+        self.pre = pre  # a branch's pre module: the stream passes through it first (its original forward)
         self.graph = graph  # a planned sublayer step, else None (the whole block call)
         self.caller = caller  # under compile: the block as its original class, for functional_call
         self.param_names = [f"block.{name}" for name in param_names]  # caller's names of the trained parameters

@@ -62,9 +62,10 @@ def _modules_of(block: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def record_step(block: nn.Module, path: str, side_inputs: list[tuple[int, torch.Tensor]],
-                name_of: Callable[[int], str]) -> StepState:
+                name_of: Callable[[int], str], outside: list[tuple[str, torch.Tensor]] = ()) -> StepState:
     """What the recompute of a step of ``block`` will read, as it is now (before the step runs);
-    ``side_inputs`` are the call's other tensors by argument leaf, named by ``name_of``."""
+    ``side_inputs`` are the call's other tensors by argument leaf, named by ``name_of``; ``outside`` the
+    parameters and buffers it reads from modules outside ``block``, by qualified name."""
     modules = _modules_of(block)
     slots = [(name, kind, table, key, value)
              for name, module in modules
@@ -73,16 +74,19 @@ def record_step(block: nn.Module, path: str, side_inputs: list[tuple[int, torch.
              for key, value in table.items() if value is not None]
     versions = [version_of(value) if isinstance(value, torch.Tensor) else None for *_, value in slots]
     sides = [(index, weakref.ref(t), version_of(t)) for index, t in side_inputs]  # not kept alive by the guard
-    return StepState(path, modules, slots, versions, sides, name_of, [_plain_state(m) for _, m in modules])
+    return StepState(path, modules, slots, versions, sides, name_of, [_plain_state(m) for _, m in modules],
+                     [(name, t, version_of(t)) for name, t in outside])
 
 
 class StepState:
     """A step's dependencies as recorded at its forward; :meth:`replay` is the recompute's context."""
 
     def __init__(self, path: str, modules: list[tuple[str, nn.Module]], slots: list, versions: list,
-                 sides: list, name_of: Callable[[int], str], plain: list[tuple[dict[str, object], frozenset[str]]]):
+                 sides: list, name_of: Callable[[int], str], plain: list[tuple[dict[str, object], frozenset[str]]],
+                 outside: list[tuple[str, torch.Tensor, int | None]] = ()):
         self.path, self.modules, self.slots, self.versions = path, modules, slots, versions
         self.sides, self.name_of, self.plain = sides, name_of, plain
+        self.outside = list(outside)  # (name, tensor, version) of the state read from outside the block
 
     def check(self) -> None:
         """Raise :class:`ReversibilityError` if a tensor the recompute reads was modified in place."""
@@ -95,6 +99,13 @@ class StepState:
                     "such as weight.add_(), or code run after the block's forward that updates it); the recompute "
                     "would use the new values. Plain autograd raises too where it saved the tensor: run backward "
                     "before changing parameters", module=self.path)
+        for name, tensor, version in self.outside:
+            if version is not None and tensor._version != version:
+                raise ReversibilityError(
+                    f"'{name}', which this block reads from a module outside it, was modified in place between the "
+                    "forward and the backward (optimizer.step() or load_state_dict() before loss.backward(), an "
+                    "in-place write); the recompute would use the new values. Run backward before changing it",
+                    module=self.path)
         for index, ref, version in self.sides:
             tensor = ref()
             if version is not None and tensor is not None and tensor._version != version:

@@ -25,6 +25,7 @@ from bdia_fx import fixed_point as fp
 from bdia_fx.calls import BlockCall, StreamSlots, describe_leaf, split_call
 from bdia_fx.config import BDIAConfig
 from bdia_fx.errors import ConversionError
+from bdia_fx.module_tree import pre_call_of
 from bdia_fx.run import chain_step
 from bdia_fx.run.block_maps import OriginalCall, StepSource
 from bdia_fx.run.frame import ChainCall
@@ -63,9 +64,11 @@ class InferenceForm:
     a scheme whose inference state is more than the stream keeps it here from block 0's call to the
     last block's (the parent hands over only the stream)."""
 
-    def __init__(self, container: str, scheme: ChainScheme, frac_bits: int, quantize: bool, blocks: int):
+    def __init__(self, container: str, scheme: ChainScheme, frac_bits: int, quantize: bool, blocks: int,
+                 pres: tuple[bool, ...] = ()):
         self.container, self.scheme, self.frac_bits, self.quantize = container, scheme, frac_bits, quantize
         self.blocks = blocks
+        self.pres = pres or (False,) * blocks  # which steps' streams pass through a pre module first
         self._state: list | None = None
         self._out: Any = None
         self._next = 0
@@ -75,7 +78,7 @@ class InferenceForm:
 
     def with_quantize(self, quantize: bool) -> InferenceForm:
         """The same form, quantized or not."""
-        return InferenceForm(self.container, self.scheme, self.frac_bits, quantize, self.blocks)
+        return InferenceForm(self.container, self.scheme, self.frac_bits, quantize, self.blocks, self.pres)
 
     def quantizer(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         return functools.partial(fp.quantize, frac_bits=self.frac_bits) if self.quantize else None
@@ -85,7 +88,8 @@ class InferenceForm:
         """Block ``index``'s call (``where``: its path; ``slots``: where its stream is; ``branch``: it
         computes h(x) only and the parent adds the stream)."""
         x, call = split_call(args, kwargs, slots, where)
-        source = StepSource(block, original, where, slots, branch, call)
+        x, pre = _pre_stream(x, where) if self.pres[index] else (x, None)
+        source = StepSource(block, original, where, slots, branch, call, pre=pre)
         block_map = source.bind([leaf for leaf in call.leaves if isinstance(leaf, torch.Tensor)])
         z = self.step(index, x, block_map, branch, where)
         return block_map.rebuild(z) if block_map.rebuild is not None else z
@@ -123,6 +127,16 @@ class InferenceForm:
         return x.shape == passed.shape and torch.equal(x, returned + passed)
 
 
+def _pre_stream(got: torch.Tensor, where: str) -> tuple[torch.Tensor, nn.Module]:
+    """The stream and pre module behind what a branch with a pre module got (h(x) = branch(pre(x)))."""
+    found = pre_call_of(got)
+    if found is None:
+        raise ConversionError(
+            f"'{where}' got a value that is not its pre module's output of the stream: the parent changed it "
+            "between the two calls, or called the branch without the module it was captured with", module=where)
+    return found
+
+
 class ChainRuntime:
     """Runs one chain of ``K`` blocks: the scheme's training chain, or its inference form in eval.
 
@@ -134,9 +148,16 @@ class ChainRuntime:
 
     def __init__(self, container: str, block_paths: tuple[str, ...], blocks: list[nn.Module],
                  originals: list[type], config: BDIAConfig, batch_dim: int, random_blocks: list[bool],
-                 slots: list[StreamSlots], plan_sublayers: SublayerPlanner | None = None, branch: bool = False):
+                 slots: list[StreamSlots], plan_sublayers: SublayerPlanner | None = None, branch: bool = False,
+                 pres: list[nn.Module | None] | None = None, owners: list[tuple[str, nn.Module]] | None = None,
+                 outside: list[list[tuple[str, nn.Module, str]]] | None = None):
         self.container = container
         self.branch = branch  # the blocks compute h(x) only; the parent adds the stream (x = h(x) + x)
+        self.pres = list(pres or [None] * len(blocks))  # a branch's pre module (h(x) = branch(pre(x))), else None
+        owners = list(owners or zip(block_paths, blocks))  # the module holding a step's modules: its parameters
+        self.owner_paths, self.owners = [p for p, _ in owners], [m for _, m in owners]  # and what its guard reads
+        # per step, the state it reads from modules outside it: (name, module, attribute), read at each call
+        self.outside = list(outside or [[] for _ in blocks])
         self.block_paths = block_paths
         self.blocks = blocks
         self.originals = originals
@@ -152,7 +173,8 @@ class ChainRuntime:
         self._plans: dict[Any, tuple] = {}  # granularity="sublayer": (plan, rebuild) per block call and shapes
         self.callers = [OriginalCall(b, o) for b, o in zip(blocks, originals)]  # for torch.func under compile
         self.untraceable = _untraceable_forwards(block_paths, blocks)
-        self.form = InferenceForm(container, self.scheme, config.frac_bits, config.quantize_eval, len(blocks))
+        self.form = InferenceForm(container, self.scheme, config.frac_bits, config.quantize_eval, len(blocks),
+                                  tuple(p is not None for p in self.pres))
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -164,6 +186,15 @@ class ChainRuntime:
         eagerly behind a boundary, :class:`bdia_fx.module_tree.CompileBoundary`), or None when it can:
         eval calls always can; training calls unless they plan sublayers at run time, run forwards of the
         ``kernels`` package, or draw random numbers a compiled recompute could not replay."""
+        reads = next((i for i, names in enumerate(self.outside) if names), None)
+        if reads is not None:
+            return (f"block '{self.block_paths[reads]}' reads '{self.outside[reads][0][0]}' from a module outside "
+                    "it, which the compiled recompute cannot take as a parameter")
+        pre = next((i for i, p in enumerate(self.pres) if p is not None), None)
+        if pre is not None:
+            return (f"the stream of '{self.block_paths[pre]}' passes through a module the parent calls first (a "
+                    "pre-norm beside the branch, as in x-transformers), which is matched to the branch's call by "
+                    "object identity")
         if not any(b.training for b in self.blocks):
             return None
         if self.config.granularity != "block":
@@ -191,6 +222,12 @@ class ChainRuntime:
                 return original.forward(block, *args, **kwargs)
             return self.form.run_block(index, block, original, args, kwargs, where, self.slots[index], self.branch)
         x, call = split_call(args, kwargs, self.slots[index], where)
+        pre = None
+        if self.pres[index] is not None:
+            x, pre = _pre_stream(x, where)
+            if pre is not self.pres[index]:
+                raise ConversionError(f"'{where}' got the output of another module than its pre module "
+                                      f"'{type(self.pres[index]).__name__}' it was captured with", module=where)
         if index == 0:
             if x.dim() <= self.batch_dim:
                 raise ConversionError(f"stream has {x.dim()} dims, no batch dim {self.batch_dim}", module=where)
@@ -203,7 +240,7 @@ class ChainRuntime:
         chain = self._call
         chain.next_block = index + 1
         try:
-            return self._train_block(chain, index, block, original, x, call)
+            return self._train_block(chain, index, block, original, x, call, pre)
         except BaseException:
             self._call = None  # a failed call keeps nothing alive until the next one
             raise
@@ -262,7 +299,7 @@ class ChainRuntime:
 
     # ------------------------------------------------------------------ training
     def _train_block(self, chain: ChainCall, index: int, block: nn.Module, original: type, x: torch.Tensor,
-                     call: BlockCall) -> Any:
+                     call: BlockCall, pre: nn.Module | None = None) -> Any:
         where, slots = self.block_paths[index], self.slots[index]
         if index == 0:
             chain_step.enter(chain, x, where)
@@ -270,14 +307,17 @@ class ChainRuntime:
         for observer in chain.observers:
             observer.block_called(chain, index, sides)
         side_tensors = [t for _, t in sides]
-        named = [(name, p) for name, p in block.named_parameters() if p.requires_grad]
-        params = [p for _, p in named]
-        guard = (record_step(block, where, sides, call.names())
+        owner = self.owners[index]  # the block, or the layer holding a branch and its pre module
+        named = [(name, p) for name, p in owner.named_parameters() if p.requires_grad]
+        outside = [(name, getattr(module, attribute)) for name, module, attribute in self.outside[index]]
+        own = {id(p) for _, p in named}
+        params = [p for _, p in named] + [t for _, t in outside if t.requires_grad and id(t) not in own]
+        guard = (record_step(owner, self.owner_paths[index], sides, call.names(), outside)
                  if chain.reversible and not chain.compiled else None)
         last_block = index == len(self.blocks) - 1
         if self.config.granularity == "block" or self.branch:  # a branch is one residual add: one step
             source = StepSource(block, original, where, slots, self.branch, call, caller=self.callers[index],
-                                param_names=[name for name, _ in named])
+                                param_names=[name for name, _ in named], pre=pre)
             block_map = chain_step.run_step(chain, source, side_tensors, params, guard, self.random_blocks[index],
                                             last_block)
             rebuild = block_map.rebuild
@@ -323,7 +363,7 @@ class ChainRuntime:
             out = x
             for index, block in enumerate(plan.blocks):
                 steps = block.steps
-                source = StepSource(self.blocks[index], self.originals[index], block.path, self.slots[index],
+                source = StepSource(self.owners[index], self.originals[index], block.path, self.slots[index],
                                     False, graph=_Chained(steps))
                 out = self.form.step(index, out, source.bind(block_sides[index]), False, block.path)
             return out
@@ -335,12 +375,17 @@ class ChainRuntime:
                                        tuple(self.observers), compiled=False)
         chain_step.enter(chain, x, plan.blocks[0].path)
         for index, block in enumerate(plan.blocks):
-            module = self.blocks[index]
+            module = self.owners[index]  # the planned steps' parameters are named from it
             named = list(enumerate(block_sides[index]))
             for observer in chain.observers:
                 observer.block_called(chain, index, named)
+            if self.outside[index]:
+                raise ConversionError(
+                    f"the captured graph's training chain cannot give '{self.outside[index][0][0]}', which block "
+                    f"'{block.path}' reads from a module outside it, its gradient (the planned step holds it as a "
+                    "constant); train the converted model itself", module=block.path)
             params = [p for p in module.parameters() if p.requires_grad]
-            guard = record_step(module, block.path, named, lambda i, b=block: b.side_inputs[i].name) \
+            guard = record_step(module, self.owner_paths[index], named, lambda i, b=block: b.side_inputs[i].name) \
                 if chain.reversible else None
             last_block = index == len(plan.blocks) - 1
             steps = block.steps if self.scheme.original_at_inference else [_Chained(block.steps)]

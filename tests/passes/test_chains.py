@@ -161,8 +161,19 @@ def test_a_block_updating_its_buffers_under_no_grad_is_refused_with_the_buffer_n
     assert "Keep such state outside the block" in rejection.reason and "strict=False" not in rejection.reason
 
 
-def test_layers_the_parent_calls_piece_by_piece_are_refused_naming_the_parts_and_the_fix():
+def test_layers_the_parent_calls_piece_by_piece_are_steps_of_a_pre_norm_and_a_branch():
+    """x = residual(branch(norm(x)), x) over ModuleLists per layer (x-transformers): each layer is one step,
+    h(x) = branch(norm(x)), its parameters and guard those of the layer."""
     report = bdia_fx.find_chains(HelperResidualStack(), (torch.randn(2, 8, 16),))
+    (chain,) = report.chains
+    assert chain.branch and chain.block_paths == ("layers.0.1", "layers.1.1", "layers.2.1")
+    assert [(b.pre, b.owner) for b in chain.blocks] == [(f"layers.{i}.0.0", f"layers.{i}") for i in range(3)]
+    assert not report.rejections
+
+
+def test_layer_parts_around_more_than_a_pre_norm_are_refused_naming_the_parts():
+    """With a norm after the branch too (sandwich), the add's operand is no branch's own output: refused."""
+    report = bdia_fx.find_chains(HelperResidualStack(sandwich=True), (torch.randn(2, 8, 16),))
     assert not report.chains
     (rejection,) = report.rejections
     assert (rejection.container, rejection.module) == ("layers", "layers.0")

@@ -39,7 +39,7 @@
 #   shared weights: one module under several numbers, numbered blocks and parent-loop adds
 #       here: test_one_module_under_several_numbers_is_refused_as_shared_weights
 #   a layer never called as one module (the parent calls its parts)
-#       passes/test_chains.py::test_layers_the_parent_calls_piece_by_piece_are_refused_naming_the_parts_and_the_fix
+#       passes/test_chains.py::test_layer_parts_around_more_than_a_pre_norm_are_refused_naming_the_parts
 #   fewer than 2 blocks
 #       here: test_a_single_block_is_refused_naming_it_and_the_count
 #   the parent transforms the stream between blocks

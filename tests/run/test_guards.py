@@ -14,7 +14,7 @@ import bdia_fx
 from bdia_fx import BDIAConfig, ReversibilityError
 
 from cases import assert_close, grads, mean_square_loss
-from models import ResidualMLP, Stack, TinyGPT
+from models import HelperResidualStack, ResidualMLP, SharedModuleStack, Stack, TinyGPT
 
 
 def _set_grads_and_step(model):
@@ -273,3 +273,25 @@ def test_the_guards_walk_modules_as_named_modules_does_duplicates_included():
     block.add_module("nothing", None)
     expected = [(name, id(m)) for name, m in block.named_modules(remove_duplicate=False)]
     assert [(name, id(m)) for name, m in _modules_of(block)] == expected and len(expected) == 6
+
+
+def test_a_pre_norm_parameter_changed_before_backward_raises_naming_it():
+    """A layer called part by part (x-transformers): the step's guard covers the layer, pre-norm included."""
+    torch.manual_seed(0)
+    conv = bdia_fx.convert(HelperResidualStack(), (torch.randn(2, 5, 16),)).train()
+    loss = conv(torch.randn(2, 5, 16)).square().mean()
+    with torch.no_grad():
+        conv.layers[0][0][0].weight.add_(0.1)
+    with pytest.raises(ReversibilityError, match=r"parameter 'layers\.0\.0\.0\.weight' was modified in place"):
+        loss.backward()
+
+
+def test_a_parameter_read_from_outside_the_block_changed_before_backward_raises_naming_it():
+    torch.manual_seed(0)
+    conv = bdia_fx.convert(SharedModuleStack(), (torch.randn(2, 5, 16),)).train()
+    loss = conv(torch.randn(2, 5, 16)).square().mean()
+    with torch.no_grad():
+        conv.shared.weight.mul_(2.0)
+    with pytest.raises(ReversibilityError, match=r"'shared\.weight', which this block reads from a module outside "
+                                                 r"it, was modified in place"):
+        loss.backward()

@@ -13,7 +13,7 @@ from bdia_fx.run.frame import ChainObserver
 
 from cases import TRAINING_CASES as CASES
 from cases import FramesSeen, assert_close, grads, mean_square_loss
-from models import ParentLoopViT, TinyGPT, encoder, gpt2
+from models import HelperResidualStack, ParentLoopViT, SharedModuleStack, TinyGPT, encoder, gpt2
 from references import L, Q, bdia_chain
 
 
@@ -388,3 +388,51 @@ def test_a_bfloat16_gpt2_with_realistic_activations_trains_with_stored_gradients
         optimizer.step()
     largest = max(float(x.abs().max()) for x in seen if not isinstance(x, FakeTensor))  # captures see fake ones
     assert largest > 100 and all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_a_layer_called_part_by_part_checks_that_its_branch_gets_the_pre_norms_output():
+    """x = residual(branch(norm(x)), x): the branch steps from the stream the pre-norm was given; a hook
+    replacing the norm's output (the branch would read another value) is refused naming the branch."""
+    torch.manual_seed(0)
+    model = HelperResidualStack()
+    x = torch.randn(2, 5, 16)
+    conv = bdia_fx.convert(model, (x,)).train()
+    conv(x).sum().backward()
+    handle = conv.layers[1][0][0].register_forward_hook(lambda module, args, out: out * 1.0)
+    with pytest.raises(bdia_fx.ConversionError, match=r"\[module 'layers\.1\.1'\] 'layers\.1\.1' got a value that "
+                                                      r"is not its pre module's output of the stream"):
+        conv(x)
+    handle.remove()
+    conv(x)
+    with torch.no_grad():  # eval: the γ = 0 chain of the same steps, the original's or quantized to 2^-9
+        want = model.eval()(x)
+        assert torch.equal(bdia_fx.revert(conv).eval()(x), want)
+        quantized = bdia_fx.revert(conv, quantize=True).eval()(x)
+        assert torch.equal(conv.eval()(x), quantized) and not torch.equal(quantized, want)
+        torch.testing.assert_close(quantized, want, rtol=0, atol=1e-2)
+
+
+def test_a_layer_called_part_by_part_runs_eagerly_under_compile_with_eager_gradients():
+    torch.manual_seed(0)
+    model = HelperResidualStack()
+    x = torch.randn(2, 5, 16)
+    conv = bdia_fx.convert(model, (x,))
+    _, want = grads(conv, (x,), {}, seed=3)
+    compiled = torch.compile(conv, backend="eager")
+    _, got = grads(compiled, (x,), {}, seed=3)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert "pre-norm beside the branch" in state_of(conv).runtimes["layers"].compile_blocker()
+
+
+def test_parameters_a_block_reads_from_outside_it_get_the_stored_runs_gradients():
+    torch.manual_seed(0)
+    model = SharedModuleStack()
+    x = torch.randn(2, 5, 16)
+    conv = bdia_fx.convert(model, (x,))
+    assert [b.outside for b in bdia_fx.report_of(conv).chains[0].blocks] == [("shared.bias", "shared.weight")] * 3
+    stored = bdia_fx.convert(model, (x,), config=BDIAConfig(mode="stored"))
+    _, got = grads(conv, (x,), {}, seed=2)
+    _, want = grads(stored, (x,), {}, seed=2)
+    assert got[0].abs().sum() > 0 and all(torch.equal(g, w) for g, w in zip(got, want))  # shared.weight first
+    with pytest.raises(bdia_fx.ConversionError, match=r"cannot give 'shared\.bias'.*train the converted model"):
+        bdia_fx.graph_of(conv)(x).sum().backward()
