@@ -136,20 +136,26 @@ def _pre_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """A module the stream passes through before a branch (h(x) = branch(pre(x)), x-transformers' pre-norm):
     it runs as it is, and its output remembers the stream it came from (weakly) for the branch's call."""
     out = original_class(self).forward(self, *args, **kwargs)
-    if (isinstance(out, torch.Tensor) and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
-            and not torch.compiler.is_dynamo_compiling()):  # torch.export runs this code: it records too
+    if isinstance(out, torch.Tensor) and not torch.compiler.is_dynamo_compiling():  # torch.export records too
+        alone = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
         key = id(out)
-        _PRE_CALLS[key] = (weakref.ref(out, lambda _, key=key: _PRE_CALLS.pop(key, None)), weakref.ref(args[0]),
-                           weakref.ref(self))
+        _PRE_CALLS[key] = (weakref.ref(out, lambda _, key=key: _PRE_CALLS.pop(key, None)),
+                           weakref.ref(args[0]) if alone else None, weakref.ref(self), out._version)
     return out
 
 
-def pre_call_of(value: torch.Tensor) -> tuple[torch.Tensor, nn.Module] | None:
-    """The stream and the pre module (see :func:`install_pre_proxy`) whose call returned ``value``, if one did."""
+def pre_call_of(value: torch.Tensor) -> tuple[torch.Tensor, nn.Module] | str | None:
+    """The stream and the pre module (see :func:`install_pre_proxy`) whose call returned ``value``, if one did;
+    why it cannot stand for that call, if it cannot (a string)."""
     found = _PRE_CALLS.get(id(value))
     if found is None or found[0]() is not value:
         return None
-    stream, module = found[1](), found[2]()
+    _, stream, module, version = found
+    if stream is None:
+        return "the pre module was called with more than the stream"
+    if value._version != version:
+        return "its output was modified in place after its forward (by a forward hook or the parent)"
+    stream, module = stream(), module()
     return (stream, module) if stream is not None and module is not None else None
 
 

@@ -262,10 +262,11 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module,
             continue
         called.sort(key=lambda p: order[members[p][0]])
         scans: list[_BlockScan] = []
+        nested = _has_nested_candidate(candidate, candidates)  # stages of blocks: searched deeper if not linked
         for path in called:
             want = scans[-1].stream_out if scans and (scans[-1].problem is None or scans[-1].shared) else None
             scan = _scan_block(path, members[path], params, want, residual_only)
-            if want is not None and scan.stream_in is None:  # x + h(x) of another value? (checked as a link)
+            if want is not None and scan.stream_in is None and not nested:  # x + h(x) of another value? (a link)
                 alone = _scan_block(path, members[path], params, None, residual_only)
                 scan = alone if alone.stream_in is not None else scan
             scans.append(scan)
@@ -335,7 +336,7 @@ def find_chains_in_graph(ep: torch.export.ExportedProgram, model: nn.Module,
         )
     owned = {n for n in graph.nodes if BLOCK_META_KEY in n.meta or module_paths(n) & set(claimed)}
     find_branch_chains(graph, params, state, owned, report, BLOCK_META_KEY)
-    stepped = {b.owner for c in report.chains if c.branch for b in c.blocks}
+    stepped = {a for c in report.chains if c.branch for b in c.blocks for a in _ancestors(b.path)}
     report.rejections.extend(rejection for rejection, paths in pending if not paths & stepped)
     branch_chains = [c.container for c in report.chains if c.branch]
     report.ignored = [(name, why) for name, why in report.ignored

@@ -374,7 +374,8 @@ def run_step(call: ChainCall, source: StepSource, sides: list[torch.Tensor], par
     n = len(call.steps)
     call.steps.append(source.path)
     if call.autograd and not call.reversible:  # the stored reference sums a side input's gradient per step, as
-        sides = [side.view_as(side) for side in sides]  # the reversible backward does (a step's uses, then steps)
+        sides = [side.view_as(side) if side.layout == torch.strided and not side.is_nested else side
+                 for side in sides]  # the reversible backward does (a step's uses, then the steps)
     block = source.bind(sides)
     scheme = call.scheme
     updates = scheme.chain_updates(n, block, call.sign(n))

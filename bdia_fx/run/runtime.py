@@ -134,6 +134,10 @@ def _pre_stream(got: torch.Tensor, where: str) -> tuple[torch.Tensor, nn.Module]
         raise ConversionError(
             f"'{where}' got a value that is not its pre module's output of the stream: the parent changed it "
             "between the two calls, or called the branch without the module it was captured with", module=where)
+    if isinstance(found, str):
+        raise ConversionError(f"'{where}' got its pre module's output, but {found}; a step replays the pre module on "
+                              "the stream alone, so it must be called as pre(x) and its output passed on as it is",
+                              module=where)
     return found
 
 
@@ -184,19 +188,23 @@ class ChainRuntime:
     def compile_blocker(self) -> str | None:
         """Why ``torch.compile`` cannot trace this chain's calls now (the module calling its blocks then runs
         eagerly behind a boundary, :class:`bdia_fx.module_tree.CompileBoundary`), or None when it can:
-        eval calls always can; training calls unless they plan sublayers at run time, run forwards of the
-        ``kernels`` package, or draw random numbers a compiled recompute could not replay."""
+        eval calls can unless their inference form steps through a pre module; training calls unless their
+        streams pass through a pre module, a block reads state from outside it, they plan sublayers at run
+        time, run forwards of the ``kernels`` package, or draw random numbers a compiled recompute could not
+        replay."""
+        training = any(b.training for b in self.blocks)
+        original = not self.config.quantize_eval and self.scheme.original_at_inference  # eval runs the blocks
+        pre = next((i for i, p in enumerate(self.pres) if p is not None), None)
+        if pre is not None and (training or not original):
+            return (f"the stream of '{self.block_paths[pre]}' passes through a module the parent calls first (a "
+                    "pre-norm beside the branch, as in x-transformers), which is matched to the branch's call by "
+                    "object identity")
+        if not training:
+            return None
         reads = next((i for i, names in enumerate(self.outside) if names), None)
         if reads is not None:
             return (f"block '{self.block_paths[reads]}' reads '{self.outside[reads][0][0]}' from a module outside "
                     "it, which the compiled recompute cannot take as a parameter")
-        pre = next((i for i, p in enumerate(self.pres) if p is not None), None)
-        if pre is not None:
-            return (f"the stream of '{self.block_paths[pre]}' passes through a module the parent calls first (a "
-                    "pre-norm beside the branch, as in x-transformers), which is matched to the branch's call by "
-                    "object identity")
-        if not any(b.training for b in self.blocks):
-            return None
         if self.config.granularity != "block":
             return "granularity='sublayer' plans its steps from exports at run time"
         if self.untraceable:
@@ -371,6 +379,12 @@ class ChainRuntime:
 
     @torch.compiler.disable  # planned steps run their graphs, which torch.func cannot rebind to parameters
     def _train_plan(self, plan: ChainPlan, x: torch.Tensor, block_sides: list[list[torch.Tensor]]) -> torch.Tensor:
+        reads = next((i for i, names in enumerate(self.outside) if names), None)
+        if reads is not None:
+            raise ConversionError(
+                f"the captured graph's training chain cannot give '{self.outside[reads][0][0]}', which block "
+                f"'{plan.blocks[reads].path}' reads from a module outside it, its gradient (the planned step holds "
+                "it as a constant); train the converted model itself", module=plan.blocks[reads].path)
         chain = self._call = ChainCall(self.container, self.scheme, self.config, x, self.batch_dim,
                                        tuple(self.observers), compiled=False)
         chain_step.enter(chain, x, plan.blocks[0].path)
@@ -379,11 +393,6 @@ class ChainRuntime:
             named = list(enumerate(block_sides[index]))
             for observer in chain.observers:
                 observer.block_called(chain, index, named)
-            if self.outside[index]:
-                raise ConversionError(
-                    f"the captured graph's training chain cannot give '{self.outside[index][0][0]}', which block "
-                    f"'{block.path}' reads from a module outside it, its gradient (the planned step holds it as a "
-                    "constant); train the converted model itself", module=block.path)
             params = [p for p in module.parameters() if p.requires_grad]
             guard = record_step(module, self.owner_paths[index], named, lambda i, b=block: b.side_inputs[i].name) \
                 if chain.reversible else None

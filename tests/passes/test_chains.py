@@ -12,7 +12,10 @@ from models import (
     HelperResidualStack,
     MoEStack,
     ParentLoopViT,
+    ResidualHelper,
+    ResidualMLP,
     encoder,
+    feed_forward,
     flat_sequential_lm,
     gpt2,
     llama,
@@ -210,3 +213,53 @@ def test_a_part_of_a_called_block_that_the_parent_calls_stays_outside_the_block(
     (chain,) = report.chains
     assert chain.block_paths == ("layers.0", "layers.1", "layers.2") and not report.rejections
     assert [b.n_nodes for b in chain.blocks] == [4, 4, 4]  # layer norm, linear, mul, add: not the parent's linear
+
+
+class _Stage(torch.nn.Module):
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(ResidualMLP(d) for _ in range(3))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class _StagesWithDownsampling(torch.nn.Module):
+    """Stages of residual blocks, the parent transforming the stream after each stage (as Swin does)."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.stages = torch.nn.ModuleList(_Stage(d) for _ in range(2))
+        self.downs = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(2))
+
+    def forward(self, x):
+        for stage, down in zip(self.stages, self.downs):
+            x = down(stage(x))
+        return x
+
+
+def test_stages_the_parent_transforms_between_are_searched_one_level_deeper():
+    report = bdia_fx.find_chains(_StagesWithDownsampling(), (torch.randn(2, 5, 8),))
+    assert [c.container for c in report.chains] == ["stages.0.blocks", "stages.1.blocks"] and not report.rejections
+
+
+class _HelperNoNorm(torch.nn.Module):
+    """Per layer [branch, residual helper]: x = residual(branch(x), x)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.ModuleList([feed_forward(d, dropout=0.0), ResidualHelper()])
+                                          for _ in range(3))
+
+    def forward(self, x):
+        for branch, residual in self.layers:
+            x = residual(branch(x), x)
+        return x
+
+
+def test_a_residual_helper_adding_a_branch_of_the_stream_itself_is_a_branch_chain():
+    report = bdia_fx.find_chains(_HelperNoNorm(), (torch.randn(2, 5, 16),))
+    (chain,) = report.chains
+    assert chain.block_paths == ("layers.0.0", "layers.1.0", "layers.2.0") and not report.rejections

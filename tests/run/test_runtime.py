@@ -403,6 +403,11 @@ def test_a_layer_called_part_by_part_checks_that_its_branch_gets_the_pre_norms_o
                                                       r"is not its pre module's output of the stream"):
         conv(x)
     handle.remove()
+    handle = conv.layers[1][0][0].register_forward_hook(lambda module, args, out: out.mul_(3.0))
+    with pytest.raises(bdia_fx.ConversionError, match=r"\[module 'layers\.1\.1'\] .*its output was modified in "
+                                                      r"place after its forward"):
+        conv(x)  # an in-place edit the step's replay of the norm would not make
+    handle.remove()
     conv(x)
     with torch.no_grad():  # eval: the γ = 0 chain of the same steps, the original's or quantized to 2^-9
         want = model.eval()(x)
