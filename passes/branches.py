@@ -115,9 +115,14 @@ def _pre_module(add: fx.Node, s: fx.Node, branch_path: str, inputs: list[fx.Node
     return None
 
 
+def _common_path(paths: list[str]) -> str:
+    """The deepest module path above (or equal to) all ``paths``."""
+    return os.path.commonpath([p.replace(".", "/") for p in paths]).replace("/", ".")
+
+
 def _common_module(a: str, b: str) -> str:
     """The deepest module path above (or equal to) both ``a`` and ``b`` that is numbered (``layers.3``)."""
-    common = os.path.commonpath([a.replace(".", "/"), b.replace(".", "/")]).replace("/", ".")
+    common = _common_path([a, b])
     return common if any(part.isdigit() for part in common.split(".")) else ""
 
 
@@ -164,7 +169,7 @@ def find_branch_chains(graph: fx.Graph, params: dict[str, str], state: dict[str,
 
 def _report_chain(chain: list[_Branch], params: dict[str, str], state: dict[str, str], calls: dict[str, int],
                   report: ChainReport, block_key: str) -> None:
-    container = os.path.commonpath([b.path.replace(".", "/") for b in chain]).replace("/", ".")
+    container = _common_path([b.path for b in chain])
     problem = _chain_problem(chain, params, calls)
     if problem is not None:
         report.rejections.append(Rejection(container, *problem))

@@ -127,6 +127,11 @@ class InferenceForm:
         return x.shape == passed.shape and torch.equal(x, returned + passed)
 
 
+def _first(per_step: list) -> int | None:
+    """The first step whose entry is set (a pre module, state read from outside), or None."""
+    return next((i for i, entry in enumerate(per_step) if entry), None)
+
+
 def _pre_stream(got: torch.Tensor, where: str) -> tuple[torch.Tensor, nn.Module]:
     """The stream and pre module behind what a branch with a pre module got (h(x) = branch(pre(x)))."""
     found = pre_call_of(got)
@@ -194,14 +199,14 @@ class ChainRuntime:
         replay."""
         training = any(b.training for b in self.blocks)
         original = not self.config.quantize_eval and self.scheme.original_at_inference  # eval runs the blocks
-        pre = next((i for i, p in enumerate(self.pres) if p is not None), None)
+        pre = _first(self.pres)
         if pre is not None and (training or not original):
             return (f"the stream of '{self.block_paths[pre]}' passes through a module the parent calls first (a "
                     "pre-norm beside the branch, as in x-transformers), which is matched to the branch's call by "
                     "object identity")
         if not training:
             return None
-        reads = next((i for i, names in enumerate(self.outside) if names), None)
+        reads = _first(self.outside)
         if reads is not None:
             return (f"block '{self.block_paths[reads]}' reads '{self.outside[reads][0][0]}' from a module outside "
                     "it, which the compiled recompute cannot take as a parameter")
@@ -317,9 +322,11 @@ class ChainRuntime:
         side_tensors = [t for _, t in sides]
         owner = self.owners[index]  # the block, or the layer holding a branch and its pre module
         named = [(name, p) for name, p in owner.named_parameters() if p.requires_grad]
-        outside = [(name, getattr(module, attribute)) for name, module, attribute in self.outside[index]]
-        own = {id(p) for _, p in named}
-        params = [p for _, p in named] + [t for _, t in outside if t.requires_grad and id(t) not in own]
+        params = [p for _, p in named]
+        outside = []  # convert kept only state that is not the owner's; read now (FSDP2 swaps tensors)
+        if self.outside[index]:
+            outside = [(name, getattr(module, attribute)) for name, module, attribute in self.outside[index]]
+            params += [t for _, t in outside if t.requires_grad]
         guard = (record_step(owner, self.owner_paths[index], sides, call.names(), outside)
                  if chain.reversible and not chain.compiled else None)
         last_block = index == len(self.blocks) - 1
@@ -379,7 +386,7 @@ class ChainRuntime:
 
     @torch.compiler.disable  # planned steps run their graphs, which torch.func cannot rebind to parameters
     def _train_plan(self, plan: ChainPlan, x: torch.Tensor, block_sides: list[list[torch.Tensor]]) -> torch.Tensor:
-        reads = next((i for i, names in enumerate(self.outside) if names), None)
+        reads = _first(self.outside)
         if reads is not None:
             raise ConversionError(
                 f"the captured graph's training chain cannot give '{self.outside[reads][0][0]}', which block "
