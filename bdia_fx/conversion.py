@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_map
 
+from bdia_fx import budget as budgets
 from bdia_fx import hf
 from bdia_fx.calls import (
     StreamSlots,
@@ -71,7 +73,8 @@ def find_chains(model: nn.Module, example_inputs: tuple | torch.Tensor = (),
 
 
 def convert(model: nn.Module, example_inputs: tuple | torch.Tensor = (), example_kwargs: dict | None = None,
-            config: BDIAConfig | None = None, *, strict: bool = True) -> nn.Module:
+            config: BDIAConfig | None = None, *, strict: bool = True, memory_budget: int | float | str | None = None,
+            loss_fn: Callable[[Any], torch.Tensor] | None = None) -> nn.Module:
     """Return a BDIA-training version of ``model`` sharing its parameters.
 
     The result has ``model``'s class, call signature, outputs and ``state_dict()`` keys. In
@@ -83,6 +86,13 @@ def convert(model: nn.Module, example_inputs: tuple | torch.Tensor = (), example
     anything is changed; ``model`` itself is never modified. With ``strict=False`` a refused chain
     (a post-LN stack beside a pre-LN one, a block with a tap) is kept running as it is and every
     other chain is converted; :func:`report_of` lists both, the refused ones with the reason.
+
+    ``memory_budget`` (bytes as an int or a string such as ``"6GiB"``, or a float in (0, 1]: a fraction of the
+    plain model's peak) asks for the fastest plan whose training step on the example inputs peaks at most that
+    far above the parameters, their gradients and the inputs: some blocks keep their activations, the others
+    are reversible (:mod:`bdia_fx.budget`; the plan is in :func:`report_of`). The probe steps take the loss
+    ``loss_fn(output)`` (default: the output's first floating-point tensor squared and averaged; a Hugging Face
+    model given ``labels`` returns its loss there first). Gradients are the same in every plan.
     """
     _check_module(model)
     if is_converted(model):
@@ -91,13 +101,42 @@ def convert(model: nn.Module, example_inputs: tuple | torch.Tensor = (), example
     if not isinstance(config, BDIAConfig):
         raise TypeError(f"config must be a BDIAConfig, got {type(config).__name__}")
     example_inputs = example_args(example_inputs)
+    budget = _checked_budget(memory_budget, config, bool(example_inputs or example_kwargs))
     clone = shallow_clone(model)
     state = ConvertedState(config, takes_use_cache=hf.takes_use_cache(model), strict=strict)
     attach_state(clone, state)
     if example_inputs or example_kwargs:
-        _plan(clone, state, *_training_call(clone, state, example_inputs, dict(example_kwargs or {})))
+        call = _training_call(clone, state, example_inputs, dict(example_kwargs or {}))
+        _plan(clone, state, *call)
+        if budget is not None:
+            _plan_memory(model, clone, state, *call, budget, loss_fn)
     state.hook_id = clone.register_forward_pre_hook(_before_call, with_kwargs=True).id
     return clone
+
+
+def _checked_budget(memory_budget: Any, config: BDIAConfig, has_example: bool) -> int | float | None:
+    """The parsed budget (ValueError for a bad one), checked against the rest of the call, before anything is made."""
+    if memory_budget is None:
+        return None
+    budget = budgets.parse_budget(memory_budget)
+    if not has_example:
+        raise ValueError("memory_budget needs example inputs: the plan is made from probe steps on them")
+    if config.mode != "reversible":
+        raise ValueError(f"memory_budget plans which blocks are reversible; BDIAConfig(mode={config.mode!r}) keeps "
+                         "every block's activations already")
+    return budget
+
+
+def _plan_memory(model: nn.Module, clone: nn.Module, state: ConvertedState, args: tuple, kwargs: dict,
+                 budget: int | float, loss_fn: Callable[[Any], torch.Tensor] | None) -> None:
+    """Probe, plan and apply the memory plan (:mod:`bdia_fx.budget`); shown in the report."""
+    prober = budgets.Prober(model, clone, state, args, kwargs, loss_fn)
+    paths = {(name, i): path for name, runtime in state.runtimes.items()
+             for i, path in enumerate(runtime.block_paths)}
+    plan = budgets.plan_memory(prober.probes(), budget, paths, describe_call(args, kwargs),
+                               lambda kept: prober.measure(kept).peak)
+    budgets.apply_plan(state, plan)
+    state.report.memory_plan = plan
 
 
 def _check_module(model: Any) -> None:

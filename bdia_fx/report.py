@@ -100,6 +100,7 @@ class ChainReport:
     rejections: list[Rejection] = field(default_factory=list)
     ignored: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # how chains were delimited (e.g. a first block left out)
+    memory_plan: Any = None  # convert(..., memory_budget=...): the bdia_fx.budget.MemoryPlan applied
 
     def __str__(self) -> str:
         lines = [f"BDIA chain report for {self.model}"]
@@ -125,6 +126,8 @@ class ChainReport:
         if self.ignored:
             lines.append("  not chains (left as they are):")
             lines.extend(f"    '{name}': {why}" for name, why in self.ignored)
+        if self.memory_plan is not None:
+            lines.extend("  " + line for line in str(self.memory_plan).splitlines())
         return "\n".join(lines)
 
 

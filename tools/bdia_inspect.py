@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with --draw: show every node instead of one box per block")
     parser.add_argument("--memory", metavar="B,T", help="table of saved-activation bytes at batch B, sequence T")
     parser.add_argument("--measure", action="store_true", help="with --memory: also run one training step of each")
+    parser.add_argument("--budget", metavar="B",
+                        help="plan for a training-step memory budget (bytes, a size such as 6MiB, or a fraction such "
+                             "as 0.5 of the plain peak) and print the plan and the (peak, time) frontier")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the report and memory table as JSON")
     return parser.parse_args(argv)
 
@@ -229,7 +232,8 @@ def run(args: argparse.Namespace) -> dict:
     print(f"model: {label}")
     try:
         converted = bdia_fx.convert(model, example_args, example_kwargs,
-                                    bdia_fx.BDIAConfig(granularity=args.granularity))
+                                    bdia_fx.BDIAConfig(granularity=args.granularity),
+                                    memory_budget=_budget(args.budget) if args.budget else None)
     except ConversionError:
         print(bdia_fx.find_chains(model, example_args, example_kwargs))  # what was found and why it was refused
         raise
@@ -239,6 +243,8 @@ def run(args: argparse.Namespace) -> dict:
         {"container": c.container, "blocks": list(c.block_paths), "side_inputs": [str(s) for s in c.side_inputs]}
         for c in report.chains], "rejections": [
         {"module": r.module, "node": r.node, "reason": r.reason} for r in report.rejections]}
+    if report.memory_plan is not None:
+        result["memory_plan"] = report.memory_plan.to_dict()
     if args.granularity == "sublayer":
         print("\nsublayer steps (the residual add ending each step):")
         for chain in report.chains:
@@ -269,10 +275,23 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def _budget(text: str) -> int | float | str:
+    """--budget as convert takes it: digits are bytes, a decimal number a fraction, anything else a size."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = run(args)
+    except ValueError as error:  # a --budget that is no size
+        print(f"bdia-inspect: {error}", file=sys.stderr)
+        return 2
     except ConversionError as error:
         print(f"bdia-inspect: cannot convert: {str(error).splitlines()[0]}", file=sys.stderr)
         return 1

@@ -49,7 +49,7 @@ from bdia_fx.run.frame import ChainCall, recomputing
 from bdia_fx.run.guards import StepState
 from bdia_fx.schemes import Reads, Shear
 
-__all__ = ["UpdateSpec", "UpdateStep", "apply_update", "enter", "random_state", "random_state_bytes",
+__all__ = ["KeptUpdate", "UpdateSpec", "UpdateStep", "apply_update", "enter", "random_state", "random_state_bytes",
            "round_increment", "run_step", "stream", "undo_update"]
 
 _FLOAT_VIEW = {torch.int32: torch.float32, torch.int64: torch.float64}
@@ -165,26 +165,14 @@ class UpdateStep(torch.autograd.Function):
         call = spec.call
         where = spec.source.path
         if not call.compiled:
-            if torch.is_grad_enabled():
-                raise ConversionError(
-                    "a reversible chain does not support higher-order gradients (create_graph=True: gradient "
-                    "penalties, double backward); convert with BDIAConfig(mode='stored') for them", module=where)
+            _refuse_double_backward(where)
             if spec.guard is not None:
                 spec.guard.check()  # before the saved tensors' own version checks, which name no block
             call.check_backward_at_end()
         bits, forward_sum, seed, top, *rest = ctx.saved_tensors
         sides = rest[:spec.n_sides]
         params = rest[spec.n_sides:] if call.compiled else spec.params
-        if spec.last:
-            after = _tied_to(top, grad) if call.compiled and grad is not None else top
-        elif grad_carrier is None:
-            raise ReversibilityError(
-                f"the forward of chain '{call.container}' ended after this step, before the chain's last block: a "
-                "reversible chain rebuilds its inputs from the last block's output, so the parent must call every "
-                "block of the chain in each training call (layer dropping and early exits need "
-                "BDIAConfig(mode='stored'))", module=where)
-        else:
-            after = grad_carrier
+        after = _carrier_after(spec, top, grad, grad_carrier)
         codes = list(after.view(call.code_dtype).unbind(0))
         if grad is None:
             grad = torch.zeros(codes[0].shape, dtype=call.dtype, device=codes[0].device)
@@ -229,24 +217,105 @@ class UpdateStep(torch.autograd.Function):
         del rounded
         before = undo_update(u, codes[spec.target], b, bits)
         del b
-        if call.compiled or spec.last:
-            codes[spec.target] = before
-            grad_carrier = torch.stack(codes).view(_FLOAT_VIEW[call.code_dtype])
-        else:  # eager: written into the carrier that came down (this step is its only consumer)
-            codes[spec.target].copy_(before)
-            grad_carrier = after
+        grad_carrier = _carrier_below(spec, codes, after, before)
         del before
-        if spec.n == 0 and spec.index == 0 and call.verify:  # the bottom: extra parts back to zero
-            extra = torch.stack([c.abs().amax() for i, c in enumerate(codes) if i != 0]).amax() != 0
-            if call.compiled:
-                torch._assert_async(~extra, f"bdia_fx: [module '{where}'] the backward did not return the "
-                                            "scheme's extra parts to zero")
-            else:
-                call.checks.record("backward", "zero", where, extra)
-        if spec.index == 0:
-            for observer in call.observers:
-                observer.state_codes(call, spec.n, torch.stack(codes), rebuilt=True)
         return (None, None, None, grad_target, grad_carrier, None, *read_g, *side_g, *param_g)
+
+
+def _carrier_below(spec: UpdateSpec, codes: list[torch.Tensor], after: torch.Tensor,
+                   before: torch.Tensor) -> torch.Tensor:
+    """The carrier handed to the update below: the state's codes with the target's ``before`` the update
+    (eagerly written into the carrier that came down, whose only consumer this step is); at the chain's
+    bottom the check that the scheme's extra parts came back to zero, and the observers' rebuilt state."""
+    call, where = spec.call, spec.source.path
+    if call.compiled or spec.last:
+        codes[spec.target] = before
+        carrier = torch.stack(codes).view(_FLOAT_VIEW[call.code_dtype])
+    else:
+        codes[spec.target].copy_(before)
+        carrier = after
+    if spec.n == 0 and spec.index == 0 and call.verify:  # the bottom: extra parts back to zero
+        extra = torch.stack([c.abs().amax() for i, c in enumerate(codes) if i != 0]).amax() != 0
+        if call.compiled:
+            torch._assert_async(~extra, f"bdia_fx: [module '{where}'] the backward did not return the "
+                                        "scheme's extra parts to zero")
+        else:
+            call.checks.record("backward", "zero", where, extra)
+    if spec.index == 0:
+        for observer in call.observers:
+            observer.state_codes(call, spec.n, torch.stack(codes), rebuilt=True)
+    return carrier
+
+
+class KeptUpdate(torch.autograd.Function):
+    """One update of a reversible chain whose block keeps its activations (a memory plan's *kept* step,
+    :mod:`bdia_fx.budget`): g is computed with gradients in forward, so its backward is autograd's own, and the
+    Function saves the target's codes before the update (one code tensor; no side bits, no recompute). Its
+    backward hands g the gradient (straight-through for Q), σ·g to the target, the exact term to its part, and
+    passes the carrier down with the target restored, so reversible updates below it rebuild their state as
+    usual. The gradients are those of the stored reference, summed in the same grouping (Note: [code carriers]).
+
+    Inputs: the spec and the update (non-tensor), g, the target part's value, the carrier, then the value of
+    the exact term's part (or nothing). Outputs: the target's new value, the new carrier.
+    """
+
+    @staticmethod
+    def forward(ctx, spec: UpdateSpec, u: Shear, g: torch.Tensor, target: torch.Tensor, carrier: torch.Tensor,
+                *exact_part: torch.Tensor):
+        ctx.set_materialize_grads(False)
+        call = spec.call
+        codes = carrier.view(call.code_dtype)
+        b, rounded = round_increment(g.detach(), u, codes, call.frac_bits, call.code_dtype)
+        before = codes[spec.target]
+        new, _ = apply_update(u, before, b)
+        _check_range(call, "forward", "update", spec.source.path, rounded)
+        _check_range(call, "forward", "stream", spec.source.path, new)
+        out_carrier = _stack(codes, spec.target, new).view(_FLOAT_VIEW[call.code_dtype])
+        ctx.save_for_backward(before.clone(), out_carrier if spec.last else None)
+        ctx.spec, ctx.u, ctx.g_dtype = spec, u, g.dtype
+        return fp.from_codes(new, call.frac_bits, call.dtype), out_carrier
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor | None, grad_carrier: torch.Tensor | None):
+        spec, u = ctx.spec, ctx.u
+        if not spec.call.compiled:
+            _refuse_double_backward(spec.source.path)
+            spec.call.check_backward_at_end()
+        before, top = ctx.saved_tensors
+        after = _carrier_after(spec, top, grad, grad_carrier)
+        codes = list(after.view(spec.call.code_dtype).unbind(0))
+        exact: tuple = ()
+        if grad is None:
+            grad_g = grad_target = None
+            exact = (None,) if u.exact is not None else ()
+        else:
+            grad_g, grad_target = grad.to(ctx.g_dtype), _times(grad, u.scale, grad.dtype)
+            if u.exact is not None:
+                exact = (_times(grad, u.exact[1], grad.dtype),)
+        return (None, None, grad_g, grad_target, _carrier_below(spec, codes, after, before), *exact)
+
+
+def _carrier_after(spec: UpdateSpec, top: torch.Tensor | None, grad: torch.Tensor | None,
+                   grad_carrier: torch.Tensor | None) -> torch.Tensor:
+    """The state's codes after this update, in backward: saved at the chain's last update, else the carrier's
+    gradient from the update above (None when the forward stopped before the chain's last block)."""
+    call = spec.call
+    if spec.last:
+        return _tied_to(top, grad) if call.compiled and grad is not None else top
+    if grad_carrier is None:
+        raise ReversibilityError(
+            f"the forward of chain '{call.container}' ended after this step, before the chain's last block: a "
+            "reversible chain rebuilds its inputs from the last block's output, so the parent must call every "
+            "block of the chain in each training call (layer dropping and early exits need "
+            "BDIAConfig(mode='stored'))", module=spec.source.path)
+    return grad_carrier
+
+
+def _refuse_double_backward(where: str) -> None:
+    if torch.is_grad_enabled():
+        raise ConversionError(
+            "a reversible chain does not support higher-order gradients (create_graph=True: gradient "
+            "penalties, double backward); convert with BDIAConfig(mode='stored') for them", module=where)
 
 
 def _pull_back(g: torch.Tensor, grad: torch.Tensor, reads: Reads, sides: list[torch.Tensor],
@@ -368,12 +437,14 @@ def enter(call: ChainCall, x: torch.Tensor, where: str) -> None:
 
 
 def run_step(call: ChainCall, source: StepSource, sides: list[torch.Tensor], params: list[torch.Tensor],
-             guard: StepState | None, random: bool, last: bool) -> Any:
+             guard: StepState | None, random: bool, last: bool, keep: bool = False) -> Any:
     """Run chain step n = ``len(call.steps)`` (the block or sublayer ``source`` with these side inputs)
-    forward; returns the step's map (it holds the block's output structure)."""
+    forward; returns the step's map (it holds the block's output structure). ``keep``: in a reversible chain,
+    the step keeps its block's activations (:class:`KeptUpdate`) instead of recomputing them."""
     n = len(call.steps)
     call.steps.append(source.path)
-    if call.autograd and not call.reversible:  # the stored reference sums a side input's gradient per step, as
+    stored = call.autograd and (not call.reversible or keep)  # the block runs under ordinary autograd
+    if stored:  # the stored reference sums a side input's gradient per step, as
         sides = [side.view_as(side) if side.layout == torch.strided and not side.is_nested else side
                  for side in sides]  # the reversible backward does (a step's uses, then the steps)
     block = source.bind(sides)
@@ -382,7 +453,14 @@ def run_step(call: ChainCall, source: StepSource, sides: list[torch.Tensor], par
     for index, u in enumerate(updates):
         is_last = last and index == len(updates) - 1
         reads: list[torch.Tensor | None] = [None if i == u.target else v for i, v in enumerate(call.values)]
-        if call.reversible:
+        if call.reversible and keep:
+            reads = [None if r is None else r.view_as(r) for r in reads]  # the stored reference's grouping
+            g = u.increment([None if r is None else r.view_as(r) for r in reads])
+            spec = UpdateSpec(call, n, index, source, len(call.values), is_last, u.target, u.halving,
+                              tuple(v.requires_grad for v in call.values), len(sides), 0, [], None, None, False)
+            exact = () if u.exact is None else (reads[u.exact[0]],)
+            value, call.carrier = KeptUpdate.apply(spec, u, g, call.values[u.target], call.carrier, *exact)
+        elif call.reversible:
             state = random_state(call.values[0]) if random and not call.compiled else None
             call.random_bytes += random_state_bytes(state)
             before = block.calls

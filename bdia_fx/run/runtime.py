@@ -176,6 +176,10 @@ class ChainRuntime:
         self.slots = slots
         self.plan_sublayers = plan_sublayers
         self.scheme = chain_scheme_of(config.scheme)
+        # a memory plan (bdia_fx.budget): per block, it keeps its activations in the reversible chain; or the
+        # whole chain runs as the original model (the budget fits the plain model's peak)
+        self.keeps = [False] * len(blocks)
+        self.unconverted = False
         self.observers: list = []  # bdia_fx.run.frame.ChainObserver instances while something measures
         self._call: ChainCall | None = None  # the training call whose forward is running
         self._training = False  # whether the running call trains (some block of the chain is in training mode)
@@ -197,6 +201,8 @@ class ChainRuntime:
         streams pass through a pre module, a block reads state from outside it, they plan sublayers at run
         time, run forwards of the ``kernels`` package, or draw random numbers a compiled recompute could not
         replay."""
+        if self.unconverted:
+            return None
         training = any(b.training for b in self.blocks)
         original = not self.config.quantize_eval and self.scheme.original_at_inference  # eval runs the blocks
         pre = _first(self.pres)
@@ -225,7 +231,7 @@ class ChainRuntime:
     # ------------------------------------------------------------------ dispatch
     def run_block(self, index: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
         original = self.originals[index]
-        if capturing():
+        if capturing() or self.unconverted:
             return original.forward(block, *args, **kwargs)
         where = self.block_paths[index]
         if index == 0:  # the whole chain call trains if any of its blocks is in training mode
@@ -327,21 +333,22 @@ class ChainRuntime:
         if self.outside[index]:
             outside = [(name, getattr(module, attribute)) for name, module, attribute in self.outside[index]]
             params += [t for _, t in outside if t.requires_grad]
+        keep = self.keeps[index]
         guard = (record_step(owner, self.owner_paths[index], sides, call.names(), outside)
-                 if chain.reversible and not chain.compiled else None)
+                 if chain.reversible and not chain.compiled and not keep else None)
         last_block = index == len(self.blocks) - 1
         if self.config.granularity == "block" or self.branch:  # a branch is one residual add: one step
             source = StepSource(block, original, where, slots, self.branch, call, caller=self.callers[index],
                                 param_names=[name for name, _ in named], pre=pre)
             block_map = chain_step.run_step(chain, source, side_tensors, params, guard, self.random_blocks[index],
-                                            last_block)
+                                            last_block, keep)
             rebuild = block_map.rebuild
         else:
             steps, rebuild = self._plan(index, block, original, x, call)  # plans are per module state too
             for j, step in enumerate(steps):
                 source = StepSource(block, original, f"{where} (sublayer {j})", slots, False, graph=step)
                 chain_step.run_step(chain, source, side_tensors, params, guard, step.random,
-                                    last_block and j == len(steps) - 1)
+                                    last_block and j == len(steps) - 1, keep)
         out = chain_step.stream(chain)
         returned = out - x if self.branch else out  # the parent adds ``x`` back: x_{k+1}
         if not last_block:
@@ -401,15 +408,16 @@ class ChainRuntime:
             for observer in chain.observers:
                 observer.block_called(chain, index, named)
             params = [p for p in module.parameters() if p.requires_grad]
+            keep = self.keeps[index]
             guard = record_step(module, self.owner_paths[index], named, lambda i, b=block: b.side_inputs[i].name) \
-                if chain.reversible else None
+                if chain.reversible and not keep else None
             last_block = index == len(plan.blocks) - 1
             steps = block.steps if self.scheme.original_at_inference else [_Chained(block.steps)]
             for j, step in enumerate(steps):
                 path = block.path if len(steps) == 1 else f"{block.path} (sublayer {j})"
                 source = StepSource(module, self.originals[index], path, self.slots[index], False, graph=step)
                 chain_step.run_step(chain, source, block_sides[index], params, guard, step.random,
-                                    last_block and j == len(steps) - 1)
+                                    last_block and j == len(steps) - 1, keep)
         self._call = None
         out = chain_step.stream(chain)
         chain.finish_forward()

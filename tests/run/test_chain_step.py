@@ -185,3 +185,62 @@ def test_a_sparse_side_input_trains_in_both_modes_with_equal_gradients():
     _, got = grads(bdia_fx.convert(model, args), args, {}, seed=1)
     _, want = grads(bdia_fx.convert(model, args, config=BDIAConfig(mode="stored")), args, {}, seed=1)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+_KEEP_PATTERNS = {"top-half": lambda k, n: k >= n // 2, "alternating": lambda k, n: k % 2 == 1,
+                  "all": lambda k, n: True}
+
+
+def _keep(model, pattern: str) -> None:
+    from bdia_fx.converted import runtimes_of
+
+    for runtime in runtimes_of(model):
+        n = len(runtime.blocks)
+        runtime.keeps = [_KEEP_PATTERNS[pattern](k, n) for k in range(n)]
+
+
+@pytest.mark.parametrize("case", ["tiny-gpt-dropout", "hf-gpt2", "hf-llama-rotary", "hf-t5-both-stacks-after-block-0",
+                                  "parent-loop-h-plus-x", "layer-parts-x-transformers-style"])
+@pytest.mark.parametrize("pattern", sorted(_KEEP_PATTERNS))
+def test_kept_blocks_in_a_reversible_chain_give_the_stored_runs_gradients_bit_for_bit(case, pattern):
+    """A memory plan's kept steps (KeptUpdate: activations kept, the carrier passed down) beside reversible ones:
+    the gradients of every parameter and of the input equal those of mode='stored' exactly."""
+    from cases import TRAINING_CASES
+
+    build, make, kwargs = TRAINING_CASES[case]
+    torch.manual_seed(0)
+    model, args = build(), make()
+    planned = bdia_fx.convert(model, args, kwargs)
+    stored = bdia_fx.convert(model, args, kwargs, BDIAConfig(mode="stored"))
+    _keep(planned, pattern)
+    for seed in (1, 2):
+        got_loss, got = grads(planned, args, kwargs, seed)
+        want_loss, want = grads(stored, args, kwargs, seed)
+        assert torch.equal(got_loss, want_loss)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_kept_sublayer_steps_and_a_shear_scheme_give_the_stored_runs_gradients_bit_for_bit():
+    torch.manual_seed(0)
+    model, ids = TinyGPT(layers=4, dropout=0.1), torch.randint(0, 50, (3, 9))
+    for config in (BDIAConfig(granularity="sublayer"), BDIAConfig(scheme="alf")):
+        planned = bdia_fx.convert(model, (ids,), config=config)
+        stored = bdia_fx.convert(model, (ids,), config=BDIAConfig(**{**vars(config), "mode": "stored"}))
+        _keep(planned, "alternating")
+        _, got = grads(planned, (ids,), {}, 3)
+        _, want = grads(stored, (ids,), {}, 3)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_a_kept_blocks_parameter_edited_before_backward_raises_as_plain_pytorch_does():
+    """A kept block's activations are autograd's saved tensors: an in-place edit of its weight between forward
+    and backward is refused by their version counters, as in the plain model."""
+    torch.manual_seed(0)
+    model, ids = TinyGPT(layers=3), torch.randint(0, 50, (2, 5))
+    planned = bdia_fx.convert(model, (ids,))
+    _keep(planned, "all")
+    loss = planned(ids).square().mean()
+    with torch.no_grad():
+        next(planned.blocks[1].parameters()).add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
