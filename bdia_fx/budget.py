@@ -273,13 +273,16 @@ class Prober:
         for name, runtime in self.state.runtimes.items():
             runtime.keeps = [(name, i) in kept for i in range(len(runtime.blocks))]
 
-    def measure(self, kept: set[Block]) -> StepMemory:
-        """The converted model's step keeping the blocks ``kept`` (the others reversible), measured."""
+    def measure(self, kept: set[Block], steps: int = 1) -> StepMemory:
+        """The converted model's step keeping the blocks ``kept`` (the others reversible), measured; of ``steps``
+        consecutive steps the one with the highest peak (FSDP2 over gloo frees some communication buffers
+        asynchronously, so its steps' peaks vary by about one such buffer)."""
         with preserved_training_state(self.model), preserved_training_state(self.converted):
             self.converted.train()
             self._set(kept)
             try:
-                return measure_step(self.converted, self._step(self.converted), self.device)
+                found = [measure_step(self.converted, self._step(self.converted), self.device) for _ in range(steps)]
+                return max(found, key=lambda memory: memory.peak)
             finally:
                 self._set(set())
 
@@ -349,19 +352,20 @@ def plan_memory(probes: Probes, budget: int | float, paths: dict[Block, str], in
     smallest = min(range(len(estimates)), key=lambda m: estimates[m][0])
     chosen: int | None = None
     peak = probes.plain_peak
-    if nbytes < probes.plain_peak:
+    if not _agreed(nbytes >= probes.plain_peak):
         fitting = [m for m, (estimate, _) in enumerate(estimates) if estimate <= nbytes]
-        if not fitting:
+        if not _agreed(bool(fitting)):
             estimate, what = estimates[smallest]
             raise ConversionError(
                 f"memory_budget {format_bytes(nbytes)} is below the smallest peak a training step of this model "
                 f"reaches on the example inputs, {format_bytes(estimate)} ({estimate} bytes, every block "
-                f"reversible), taken by {what}; the plain model's peak is {format_bytes(probes.plain_peak)}", module="")
-        chosen = max(fitting)
+                f"reversible), taken by {what}; the plain model's peak is {format_bytes(probes.plain_peak)}"
+                + ("" if fitting else " (on this rank)"), module="")
+        chosen = _agreed(max(fitting))
         peak = estimates[chosen][0]
         if measure is not None:
             peak = measure(set(backward_order[:chosen]))
-            while peak > nbytes and chosen > smallest:
+            while not _agreed(peak <= nbytes) and chosen > smallest:
                 chosen -= 1
                 peak = measure(set(backward_order[:chosen]))
     kept = set() if chosen is None else set(backward_order[:chosen])
@@ -372,6 +376,17 @@ def plan_memory(probes: Probes, budget: int | float, paths: dict[Block, str], in
     what = "the plain model's step" if chosen is None else estimates[chosen][1]
     return MemoryPlan(budget, nbytes, blocks, peak, point.peak, point.seconds, what, probes.plain_peak,
                       estimates[smallest][0], tuple(frontier), inputs)
+
+
+def _agreed(value: int) -> int:
+    """The smallest ``value`` over the ranks of the default process group (the value itself in one process):
+    every rank takes the same plan, so their probe steps and collectives stay in step; each budget is per rank."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return int(value)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else "cpu"
+    found = torch.tensor([int(value)], device=device)
+    torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MIN)
+    return int(found.item())
 
 
 def apply_plan(state: ConvertedState, plan: MemoryPlan) -> None:

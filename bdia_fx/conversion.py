@@ -134,7 +134,7 @@ def _plan_memory(model: nn.Module, clone: nn.Module, state: ConvertedState, args
     paths = {(name, i): path for name, runtime in state.runtimes.items()
              for i, path in enumerate(runtime.block_paths)}
     plan = budgets.plan_memory(prober.probes(), budget, paths, describe_call(args, kwargs),
-                               lambda kept: prober.measure(kept).peak)
+                               lambda kept: prober.measure(kept, steps=2).peak)
     budgets.apply_plan(state, plan)
     state.report.memory_plan = plan
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,10 +182,11 @@ def estimate_saved_bytes(model: nn.Module, report: ChainReport, loss_fn: Callabl
     return MemoryEstimate(outside, per_chain, streams, lengths, random, side_bytes)
 
 
-def checkpoint_blocks(model: nn.Module, report: ChainReport, form: str = "checkpoint") -> nn.Module:
-    """A structural copy of ``model`` (shared parameters) running every chain block under
-    ``torch.utils.checkpoint`` — per-block checkpointing, the baseline of comparisons. ``form``:
-    ``"checkpoint"`` (torch's recommended non-reentrant form, its recompute stops early),
+def checkpoint_blocks(model: nn.Module, report: ChainReport, form: str = "checkpoint",
+                      only: Collection[str] | None = None) -> nn.Module:
+    """A structural copy of ``model`` (shared parameters) running every chain block (or the blocks whose paths
+    are in ``only``) under ``torch.utils.checkpoint`` — per-block checkpointing, the baseline of comparisons.
+    ``form``: ``"checkpoint"`` (torch's recommended non-reentrant form, its recompute stops early),
     ``"checkpoint-full"`` (early stop off: each block recomputed whole, as BDIA must) or
     ``"checkpoint-reentrant"`` (the classic form)."""
     if form not in CHECKPOINT_FORMS:
@@ -194,5 +195,6 @@ def checkpoint_blocks(model: nn.Module, report: ChainReport, form: str = "checkp
     modules = dict(clone.named_modules())
     for chain in report.chains:
         for path in chain.block_paths:
-            modules[path].__class__ = proxy_class(original_class(modules[path]), form)
+            if only is None or path in only:
+                modules[path].__class__ = proxy_class(original_class(modules[path]), form)
     return clone

@@ -141,3 +141,39 @@ def fsdp_mixed_precision(rank: int, make_batch: Callable[[], tuple]) -> dict[str
         conv.train()(ids, labels=ids).loss.backward()
         grads[mode] = [p.grad.full_tensor() for p in conv.parameters()]
     return grads
+
+
+def fsdp_memory_budget(rank: int, make_batch: Callable[[], tuple]) -> dict[str, Any]:
+    """A per-block sharded model converted with a memory budget (per rank: the probes run the sharded steps,
+    their collectives included): the plan, the step's measured peak on this rank, and its gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    import bdia_fx
+    from bdia_fx.memory import default_loss
+    from bdia_fx.peak import measure_step, preserved_training_state
+
+    from models import gpt2
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    torch.manual_seed(0)
+    model = gpt2(4, 64, dropout=0.0)
+    ids = make_batch()
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    config = bdia_fx.BDIAConfig(gammas=(0.5,))
+    kwargs = {"labels": ids, "use_cache": False}
+    full = bdia_fx.report_of(bdia_fx.convert(model, (ids,), kwargs, config, memory_budget=1.0)).memory_plan
+    budget = (full.smallest_peak + full.plain_peak) // 2
+    conv = bdia_fx.convert(model, (ids,), kwargs, config, memory_budget=budget)
+    plan = bdia_fx.report_of(conv).memory_plan
+    with preserved_training_state(conv):
+        conv.train()
+        measured = [measure_step(conv, lambda: default_loss(conv(ids, **kwargs)), torch.device("cpu")).peak
+                    for _ in range(3)]  # gloo frees some buffers asynchronously: peaks vary a little
+    conv(ids, **kwargs).loss.backward()
+    return {"budget": budget, "kept": plan.kept, "peak": plan.peak, "measured": measured,
+            "grads": {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad)
+                      for n, p in conv.named_parameters()}}

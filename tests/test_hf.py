@@ -126,6 +126,36 @@ def test_trainer_with_gradient_checkpointing_gives_the_stored_gradients(tmp_path
         assert_close(got, want)
 
 
+def test_trainer_trains_a_model_converted_with_a_memory_budget_with_the_stored_gradients(tmp_path):
+    """A budget between the smallest and the plain peak (some blocks kept, the others reversible) under the
+    Trainer: every optimizer step's gradients equal those of the stored run."""
+    data = [{"input_ids": ids, "labels": ids}
+            for ids in torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(1))]
+    example = torch.randint(0, 64, (4, 8))
+    seen, plans = {}, {}
+    for mode in ("reversible", "stored"):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=64, n_positions=64,
+                                           bos_token_id=0, eos_token_id=0, resid_pdrop=0.1))
+        if mode == "reversible":
+            full = bdia_fx.report_of(bdia_fx.convert(model, (example,), {"labels": example},
+                                                     memory_budget=1.0)).memory_plan
+            budget = (full.smallest_peak + full.plain_peak) // 2
+            conv = bdia_fx.convert(model, (example,), {"labels": example}, memory_budget=budget)
+            plans[mode] = bdia_fx.report_of(conv).memory_plan
+        else:
+            conv = bdia_fx.convert(model, config=BDIAConfig(mode=mode))
+        args = TrainingArguments(output_dir=str(tmp_path / mode), per_device_train_batch_size=4, max_steps=2,
+                                 learning_rate=1e-3, report_to=[], use_cpu=True, seed=0, save_strategy="no",
+                                 logging_strategy="no", disable_tqdm=True)
+        seen[mode] = _Gradients()
+        Trainer(model=conv, args=args, train_dataset=data, callbacks=[seen[mode]]).train()
+    assert 0 < plans["reversible"].kept < 4
+    assert len(seen["reversible"].steps) == len(seen["stored"].steps) == 2
+    for got, want in zip(seen["reversible"].steps, seen["stored"].steps):
+        assert_close(got, want)
+
+
 @pytest.mark.parametrize("order", ["lora-then-convert", "convert-then-lora"])
 def test_lora_adapters_in_both_orders_train_with_stored_gradients(order):
     from peft import LoraConfig, get_peft_model

@@ -137,3 +137,19 @@ def test_host_overhead_benchmark_counts_ops_and_profiles_the_chain(tmp_path):
     assert rows["checkpoint"]["backward_ops_per_block"] > rows["plain"]["backward_ops_per_block"]
     assert rows["bdia"]["forward_ops_per_block"] > rows["plain"]["forward_ops_per_block"]
     assert rows["plain"]["over_plain_ms"] == 0 and rows["checkpoint"]["vs_checkpoint"] == 1
+
+
+def test_budget_benchmark_honours_every_budget_and_compares_the_plans(tmp_path):
+    out, picture = tmp_path / "budget.json", tmp_path / "budget.png"
+    stdout = _run("benchmarks/budget.py", "--families", "encoder", "--layers", "4", "--width", "32", "--seq", "16",
+                  "--budgets", "3", "--steps", "1", "--compile-budgets", "0.5", "--backend", "aot_eager",
+                  "--json", str(out), "--plot", str(picture))
+    assert "fastest fitting" in stdout and picture.stat().st_size > 0
+    (result,) = json.loads(out.read_text())
+    rows = {row["method"]: row for row in result["rows"]}
+    assert {"plain", "checkpoint every 1", "checkpoint first 2", "compile budget 0.5", "bdia all reversible"} <= set(rows)
+    planned = [row for row in result["rows"] if "budget" in row]
+    assert len(planned) == 3 and planned[0]["budget"] == result["smallest_peak"]
+    for row in planned:  # measured on the same inputs as the plan's own measurement
+        assert row["peak"] <= row["budget"] and row["peak"] == row["planned_peak"]
+    assert rows["bdia all reversible"]["peak"] == result["smallest_peak"]

@@ -75,3 +75,15 @@ def test_unconvertible_models_exit_non_zero_with_one_line(args, reason):
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("bdia-inspect: cannot convert:") and reason in lines[-1]
+
+
+def test_budget_prints_the_plan_and_the_frontier(tmp_path):
+    done = _run("--factory", "models:TinyGPT", "--tokens", "50", "--batch", "4", "--seq", "32", "--budget", "0.5",
+                "--json", str(tmp_path / "b.json"))
+    assert done.returncode == 0, done.stderr
+    assert "memory plan for a budget of" in done.stdout and "frontier" in done.stdout and "<- plan" in done.stdout
+    plan = json.loads((tmp_path / "b.json").read_text())["memory_plan"]
+    assert plan["peak"] <= plan["budget"] and plan["requested"] == 0.5
+    assert {b["mode"] for b in plan["blocks"]} <= {"kept", "reversible"}
+    done = _run("--factory", "models:TinyGPT", "--tokens", "50", "--budget", "lots")
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("bdia-inspect: memory_budget")
