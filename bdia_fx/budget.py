@@ -17,8 +17,10 @@ probes' byte counts only (deterministic, and never slower for more budget on the
 The estimate comes from two probe steps on the example inputs, all blocks reversible and all kept, each cut
 into phases (:mod:`bdia_fx.peak`). A phase belongs to a block (its forward, or its backward) or to the head
 between the chains' forward and backward; a plan's peak is the largest of the phases whose block has the
-probe's mode, each corrected by the blocks alive then (those before it in forward order; all at the head)
-whose mode differs: plus (reversible probe) or minus (kept probe) the bytes keeping that block adds. Step
+probe's mode (the head: the reversible probe's), each corrected by the blocks alive then (those before it in
+forward order; all at the head) whose mode differs: plus (reversible probe) or minus (kept probe) the bytes
+keeping that block adds. A phase where the modes meet can hold a stream tensor more than either probe shows, so
+:func:`bdia_fx.convert` measures the chosen plan's step and keeps one block fewer while it does not fit. Step
 times come from timed steps of the plain model and both probes; each kept block saves its share of the
 difference, split by the length of its backward phases.
 """
@@ -159,7 +161,7 @@ class Probes:
                 if phase.block is not None and (phase.block in kept) != keeps:
                     continue  # a block's phase is read from the probe with that block's mode
                 if phase.block is None and keeps:
-                    continue
+                    continue  # the head from the reversible probe (the kept one over-counts a few streams)
                 alive = self.blocks if phase.block is None else self.blocks[:order[phase.block]]
                 other = sum(extra[b] for b in alive if (b in kept) != keeps)
                 peak = phase.peak + (-other if keeps else other)

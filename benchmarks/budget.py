@@ -29,7 +29,6 @@ from torch import nn
 import bdia_fx
 from bdia_fx.budget import format_bytes
 from bdia_fx.memory import checkpoint_blocks, default_loss
-from bdia_fx.module_tree import shallow_clone
 from bdia_fx.peak import measure_step, preserved_training_state
 from bdia_fx.report import write_json
 
@@ -70,22 +69,22 @@ def baselines(model: nn.Module, args: tuple, kwargs: dict, layers: int, compile_
 
 
 def _compiled_with_budget(model: nn.Module, fraction: float, backend: str) -> nn.Module:
-    """``torch.compile`` of the model whose backward graph is partitioned under ``activation_memory_budget``
-    (the setting is read when the step compiles, so each runs its warm-up under it)."""
+    """``torch.compile`` of the model with its backward graph partitioned under ``activation_memory_budget``: a
+    backend of its own per setting (dynamo keeps one compiled graph per backend, and graphs of one module
+    structure are otherwise shared), which partitions under the setting with no compile cache (whose key
+    leaves the setting out)."""
     import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.backends.registry import lookup_backend
 
-    compiled = torch.compile(shallow_clone(model), backend=backend)  # a copy each: dynamo guards on the module
+    compiler = lookup_backend(backend)
 
-    class _Budgeted(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = compiled
+    def budgeted(graph, example_inputs):
+        with functorch_config.patch(activation_memory_budget=fraction, enable_autograd_cache=False), \
+                inductor_config.patch(fx_graph_cache=False):
+            return compiler(graph, example_inputs)
 
-        def forward(self, *a, **k):
-            with functorch_config.patch(activation_memory_budget=fraction):
-                return self.inner(*a, **k)
-
-    return _Budgeted()
+    return torch.compile(model, backend=budgeted)
 
 
 def measure(family: str, layers: int, args: argparse.Namespace) -> dict:

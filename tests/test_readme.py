@@ -51,7 +51,7 @@ def make_model():
 
 
 def test_the_docs_show_inspect_commands():
-    assert len(INSPECT_LINES) == 5
+    assert len(INSPECT_LINES) == 6
 
 
 @pytest.mark.parametrize("command", INSPECT_LINES)

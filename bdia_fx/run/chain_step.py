@@ -68,10 +68,11 @@ def round_increment(g: torch.Tensor, u: Shear, codes: Sequence[torch.Tensor], fr
     return b, rounded
 
 
-def apply_update(u: Shear, before: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The target's codes after the update, and (halving) the side bits it drops, packed."""
+def apply_update(u: Shear, before: torch.Tensor, b: torch.Tensor,
+                 side_bits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The target's codes after the update, and (halving, ``side_bits``) the side bits it drops, packed."""
     if u.halving:
-        return fp.half_term(before, u.sign).add_(b), fp.pack_side_bits(before)
+        return fp.half_term(before, u.sign).add_(b), fp.pack_side_bits(before) if side_bits else None
     return (before + b if isinstance(u.sign, int) and u.sign == 1 else before * u.sign + b), None
 
 
@@ -267,7 +268,7 @@ class KeptUpdate(torch.autograd.Function):
         codes = carrier.view(call.code_dtype)
         b, rounded = round_increment(g.detach(), u, codes, call.frac_bits, call.code_dtype)
         before = codes[spec.target]
-        new, _ = apply_update(u, before, b)
+        new, _ = apply_update(u, before, b, side_bits=False)
         _check_range(call, "forward", "update", spec.source.path, rounded)
         _check_range(call, "forward", "stream", spec.source.path, new)
         out_carrier = _stack(codes, spec.target, new).view(_FLOAT_VIEW[call.code_dtype])
@@ -478,7 +479,7 @@ def run_step(call: ChainCall, source: StepSource, sides: list[torch.Tensor], par
                 reads = [None if r is None else r.view_as(r) for r in reads]
             g = u.increment([None if r is None else r.view_as(r) for r in reads] if call.autograd else reads)
             b, rounded = round_increment(g.detach(), u, call.codes, call.frac_bits, call.code_dtype)
-            new, _ = apply_update(u, call.codes[u.target], b)
+            new, _ = apply_update(u, call.codes[u.target], b, side_bits=False)
             _check_range(call, "forward", "update", source.path, rounded)
             _check_range(call, "forward", "stream", source.path, new)
             call.codes = [new if i == u.target else c for i, c in enumerate(call.codes)]
