@@ -47,6 +47,7 @@ from bdia_fx.errors import ConversionError
 from bdia_fx.memory import default_loss
 from bdia_fx.module_tree import shallow_clone
 from bdia_fx.peak import StepMemory, measure_step, preserved_training_state
+from bdia_fx.report import text_table
 
 __all__ = ["BlockMode", "FrontierPoint", "MemoryPlan", "Prober", "Probes", "apply_plan", "format_bytes", "parse_budget",
            "plan_memory"]
@@ -151,9 +152,9 @@ class Probes:
         gain = max(self.seconds["reversible"] - self.seconds["kept"], 0.0)
         return {b: gain * (shares[b] / total if total > 0 else 1 / len(self.blocks)) for b in self.blocks}
 
-    def estimate(self, kept: set[Block]) -> tuple[int, str]:
-        """The estimated peak of the plan keeping ``kept`` (Note: [memory plans]), and what takes it."""
-        extra = self.kept_bytes()
+    def estimate(self, kept: set[Block], extra: dict[Block, int]) -> tuple[int, str]:
+        """The estimated peak of the plan keeping ``kept`` (Note: [memory plans]), and what takes it; ``extra``:
+        :meth:`kept_bytes`."""
         order = {b: i for i, b in enumerate(self.blocks)}
         best, what = -1, ""
         for memory, keeps in ((self.reversible, False), (self.kept, True)):
@@ -233,7 +234,7 @@ class MemoryPlan:
                          f"{self.seconds * 1e3:.1f} ms estimated; the peak is {self.peak_phase}")
         rows = [("block", "mode", "bytes if kept", "saves per step")]
         rows += [(b.path, b.mode, format_bytes(b.kept_bytes), f"{b.saved_seconds * 1e3:.2f} ms") for b in self.blocks]
-        lines.extend("    " + line for line in _table(rows))
+        lines.extend("    " + line for line in text_table(rows))
         lines.append("  frontier (blocks kept, estimated peak, step):")
         for point in self.frontier:
             name = "plain model" if point.kept is None else f"{point.kept} kept"
@@ -248,11 +249,6 @@ class MemoryPlan:
                 "peak_phase": self.peak_phase, "plain_peak": self.plain_peak, "smallest_peak": self.smallest_peak,
                 "inputs": self.inputs, "unconverted": self.unconverted,
                 "blocks": [vars(b) for b in self.blocks], "frontier": [vars(p) for p in self.frontier]}
-
-
-def _table(rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
 
 
 class Prober:
@@ -346,7 +342,7 @@ def plan_memory(probes: Probes, budget: int | float, paths: dict[Block, str], in
     frontier, estimates = [], []
     for m in range(len(backward_order) + 1):
         kept = set(backward_order[:m])
-        peak, what = probes.estimate(kept)
+        peak, what = probes.estimate(kept, extra)
         seconds = probes.seconds["reversible"] - sum(saved[b] for b in kept)
         estimates.append((peak, what))
         frontier.append(FrontierPoint(m, peak, seconds))

@@ -114,7 +114,7 @@ class ChainReport:
                 path = f"{b.pre} -> {b.path}" if b.pre else b.path  # a layer called part by part: h = branch(pre)
                 rows.append((path, f"{b.stream_in} -> {b.stream_out}", sides, "yes" if b.random else "no",
                              str(b.n_nodes)))
-            lines.extend("    " + line for line in _table(rows))
+            lines.extend("    " + line for line in text_table(rows))
         if self.rejections:
             lines.append("  refused (not converted):")
             for r in self.rejections:
@@ -131,7 +131,8 @@ class ChainReport:
         return "\n".join(lines)
 
 
-def _table(rows: list[tuple[str, ...]]) -> list[str]:
+def text_table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows of cells as aligned lines, the first row a header underlined with dashes."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     out.insert(1, "  ".join("-" * w for w in widths))

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the machine's cores: one thread each
-    torch.set_num_threads(1)
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the machine's cores: one thread each,
+    torch.set_num_threads(1)  # and one for the subprocesses they start (oversubscribed, OpenMP's
+    os.environ["OMP_NUM_THREADS"] = "1"  # waits made the demo's run 3.5x slower)
 
 SLOW_FILES = {"test_examples.py", "test_readme.py", "test_bdia_inspect.py"}
 

@@ -160,3 +160,21 @@ def test_the_report_shows_each_blocks_mode_bytes_and_time_and_the_frontier(nanog
     assert "frontier" in text and "<- plan" in text and "plain model" in text
     data = plan.to_dict()
     assert data["budget"] == plan.budget and len(data["frontier"]) == len(plan.blocks) + 2
+
+
+@pytest.mark.parametrize("fraction", [None, 1.0], ids=["some-blocks-kept", "plain-peak"])
+def test_a_planned_model_exports_the_original_model_to_onnx(nanogpt, tmp_path, fraction):
+    """The file onnxruntime runs gives the original model's outputs at another batch and length, whatever the plan."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model, ids = nanogpt
+    _, full = _plan(model, (ids,), 1.0)
+    planned, plan = _plan(model, (ids,), fraction or (full.smallest_peak + full.plain_peak) // 2)
+    assert plan.unconverted == (fraction == 1.0) and (plan.unconverted or 0 < plan.kept < len(plan.blocks))
+    path = tmp_path / "planned.onnx"
+    bdia_fx.export_onnx(planned, path, (ids,))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    other = torch.randint(0, 128, (2, 20))
+    got = session.run(None, {session.get_inputs()[0].name: other.numpy()})[0]
+    with torch.no_grad():
+        want = model.eval()(other)
+    torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=1e-4)
