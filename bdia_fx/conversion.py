@@ -33,6 +33,7 @@ from bdia_fx.calls import (
 from bdia_fx.config import BDIAConfig
 from bdia_fx.converted import ConvertedState, attach_state, is_converted, state_of
 from bdia_fx.errors import ConversionError
+from bdia_fx.hub_kernels import unwrap_kernel_forwards
 from bdia_fx.module_tree import (
     boundary_suspended,
     capture_twin,
@@ -223,6 +224,7 @@ def _plan(model: nn.Module, state: ConvertedState, args: tuple, kwargs: dict) ->
             for pre in filter(None, pres):
                 install_pre_proxy(pre)
             install_boundary(modules[chain.container.rpartition(".")[0]], runtime)  # the module looping over the blocks
+            unwrap_kernel_forwards(module for _, module in runtime.kernel_wrapped)
             state.runtimes[chain.container] = runtime
     else:
         found = {c.container: c.block_paths for c in report.chains}

@@ -46,8 +46,9 @@ def shallow_clone(module: nn.Module, memo: dict[int, nn.Module] | None = None,
     shared_tables = shared_tables or composable is not None
     clone = object.__new__(type(module))  # not copy.copy: FSDPModule.__new__ would rebuild the original class
     clone.__dict__.update(module.__dict__)
-    if isinstance(module.__dict__.get("forward"), CompileBoundary):
-        clone.__dict__["forward"] = CompileBoundary(clone, module.__dict__["forward"].runtimes)
+    forward = module.__dict__.get("forward")
+    if hasattr(forward, "bound_to"):  # a forward bdia_fx installed (CompileBoundary, UnwrappedForward): the clone's
+        clone.__dict__["forward"] = forward.bound_to(clone)
     memo[id(module)] = clone
     if not shared_tables:
         clone._parameters = dict(module._parameters)
@@ -247,6 +248,10 @@ class CompileBoundary:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "logged": False}
+
+    def bound_to(self, module: nn.Module) -> CompileBoundary:
+        """The same boundary for a structural copy of the module (:func:`shallow_clone`)."""
+        return CompileBoundary(module, self.runtimes)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling() and any(r.compile_blocker() for r in self.runtimes):

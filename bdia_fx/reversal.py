@@ -9,6 +9,7 @@ from torch import fx, nn
 
 from bdia_fx.converted import detach_state, state_of
 from bdia_fx.errors import ConversionError
+from bdia_fx.hub_kernels import remove_unwrapped
 from bdia_fx.module_tree import install_inference_proxy, remove_boundary, remove_proxy, shallow_clone
 from bdia_fx.passes.revert import revert_chains
 
@@ -57,6 +58,7 @@ def revert(model: nn.Module, quantize: bool = False) -> nn.Module:
     if state.plan is not None and all(s.traceable_inference(quantize) for s in schemes.values()):
         graph = revert_chains(state.graph, state.plan, quantize, state.config.frac_bits, schemes)
     detach_state(clone)
+    remove_unwrapped(clone)
     modules = dict(clone.named_modules())
     path_of = {id(module): name for name, module in model.named_modules()}
     for runtime in state.runtimes.values():

@@ -6,7 +6,7 @@ and under ``torch.compile``. Times are medians of per-round ratios to the compil
 (all methods of one model interleaved round robin in one process, compilation in the warm-up).
 "saved MiB" is what autograd saved for backward in one step (saved-tensor hooks; the chain's own state
 included), measured after the timing. "breaks" is dynamo's graph-break count for one compiled step; a
-chain that cannot be traced runs eagerly behind one boundary (e.g. Llama's hub-kernel forwards).
+chain that cannot be traced runs eagerly behind one boundary (e.g. a chain with dropout in training).
 
     python benchmarks/compile.py [--families gpt2,llama] [--layers 6,12] [--width 256] [--seq 128] [--json PATH]
 """

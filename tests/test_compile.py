@@ -1,4 +1,5 @@
-"""torch.compile of a converted model: the chain traced whole (0 graph breaks, ``fullgraph=True``),
+"""torch.compile of a converted model: the chain traced whole (0 graph breaks, ``fullgraph=True``; Llama's
+hub-kernel forwards included),
 exact against the stored run of the same compiled forward, its guarantees compiled, and the chains
 it cannot trace run eagerly behind one boundary, with the reason logged."""
 
@@ -6,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import types
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ import torch._dynamo
 
 import bdia_fx
 from bdia_fx import BDIAConfig
+from bdia_fx.hub_kernels import kernel_wrapped
 
 from models import NanoGPT, TinyGPT, gpt2, llama
 
@@ -121,19 +124,68 @@ def test_a_chain_with_dropout_runs_eagerly_behind_one_boundary_and_says_why(capl
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-def test_a_chain_of_hub_kernel_forwards_runs_eagerly_and_exactly(caplog):
-    torch.manual_seed(0)
-    ids = torch.randint(0, 64, (2, 8))
-    conv = bdia_fx.convert(llama(2), (ids,), {"use_cache": False}).train()
-    reason = conv.model.layers[0]._bdia_runtime.compile_blocker()
-    if reason is None:
+def _llama_with_hub_kernel_forwards(layers=2):
+    model = llama(layers)
+    if not kernel_wrapped(model.model.layers[0].self_attn):
         pytest.skip("this transformers version does not wrap Llama's forwards with the kernels package")
-    assert "kernels" in reason and "model.layers.0" in reason
+    return model
+
+
+def _compiled_step(conv, ids, kwargs, backend):
+    compiled = torch.compile(conv, backend=backend, fullgraph=True)
     params = list(conv.parameters())
-    want_loss, want = _step(conv, params, ids, {"use_cache": False})
-    loss, got = _step(torch.compile(conv, backend="aot_eager"), params, ids, {"use_cache": False})
+    _step(compiled, params, ids, kwargs)  # compiles
+    return _step(compiled, params, ids, kwargs)
+
+
+def test_llama_with_hub_kernel_forwards_traces_whole_exact_against_the_compiled_stored_run():
+    """transformers 5 wraps LlamaAttention.forward with the kernels package (Note: [hub kernel forwards]). The
+    reference is the stored run of the same compiled forward: aot_eager's backward (decomposed ops) sums in another
+    order than eager autograd, so eager gradients differ from it by float rounding (docs/design.md, "Under
+    torch.compile", for inductor)."""
+    torch.manual_seed(0)
+    ids, kwargs = torch.randint(0, 64, (2, 8)), {"use_cache": False}
+    model = _llama_with_hub_kernel_forwards()
+    results = []
+    for mode in ("reversible", "stored"):
+        torch._dynamo.reset()
+        conv = bdia_fx.convert(copy.deepcopy(model), (ids,), kwargs, config=BDIAConfig(mode=mode)).train()
+        assert conv.model.layers[0]._bdia_runtime.compile_blocker() is None
+        if mode == "reversible":
+            explained = torch._dynamo.explain(conv)(ids, **kwargs)
+            assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+        results.append(_compiled_step(conv, ids, kwargs, "aot_eager"))
+    (loss, got), (want_loss, want) = results
     assert torch.equal(loss, want_loss)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+    plain = bdia_fx.revert(conv)
+    assert "forward" not in vars(plain.model.layers[0].self_attn)  # the user's class and forward again
+    assert "forward" not in vars(model.model.layers[0].self_attn)  # the model converted is untouched
+
+
+def test_a_kernelized_llama_runs_its_chain_eagerly_and_exactly(caplog):
+    """A hub kernel chosen for one of the attention's functions (as kernels.kernelize does) is what the wrapper
+    calls; the compiled recompute cannot, so the chain runs eagerly behind one boundary, saying why."""
+    torch.manual_seed(0)
+    ids, kwargs = torch.randint(0, 64, (2, 8)), {"use_cache": False}
+    conv = bdia_fx.convert(_llama_with_hub_kernel_forwards(), (ids,), kwargs).train()
+    calls = []
+
+    def kernel(self, *args, **kw):  # a "hub kernel": the function itself, counted
+        calls.append(1)
+        return type(self).forward(self, *args, **kw)
+
+    for func in conv.model.layers[1].self_attn._kernel_funcs.values():
+        func.forward = types.MethodType(kernel, func)
+    reason = conv.model.layers[0]._bdia_runtime.compile_blocker()
+    assert "kernelized" in reason and "model.layers.1.self_attn" in reason
+    params = list(conv.parameters())
+    want_loss, want = _step(conv, params, ids, kwargs)
+    with caplog.at_level(logging.INFO, logger="bdia_fx.module_tree"):
+        loss, got = _step(torch.compile(conv, backend="aot_eager"), params, ids, kwargs)
+    assert calls and torch.equal(loss, want_loss)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert any("kernelized" in r.getMessage() for r in caplog.records)
 
 
 def test_past_the_recompile_limit_new_shapes_train_eagerly_with_eager_gradients():

@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
-import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +23,7 @@ from bdia_fx import fixed_point as fp
 from bdia_fx.calls import BlockCall, StreamSlots, describe_leaf, split_call
 from bdia_fx.config import BDIAConfig
 from bdia_fx.errors import ConversionError
+from bdia_fx.hub_kernels import kernelized, named_kernel_wrapped
 from bdia_fx.module_tree import pre_call_of
 from bdia_fx.run import chain_step
 from bdia_fx.run.block_maps import OriginalCall, StepSource
@@ -185,7 +184,7 @@ class ChainRuntime:
         self._training = False  # whether the running call trains (some block of the chain is in training mode)
         self._plans: dict[Any, tuple] = {}  # granularity="sublayer": (plan, rebuild) per block call and shapes
         self.callers = [OriginalCall(b, o) for b, o in zip(blocks, originals)]  # for torch.func under compile
-        self.untraceable = _untraceable_forwards(block_paths, blocks)
+        self.kernel_wrapped = named_kernel_wrapped(block_paths, blocks)  # Note: [hub kernel forwards]
         self.form = InferenceForm(container, self.scheme, config.frac_bits, config.quantize_eval, len(blocks),
                                   tuple(p is not None for p in self.pres))
 
@@ -199,7 +198,7 @@ class ChainRuntime:
         eagerly behind a boundary, :class:`bdia_fx.module_tree.CompileBoundary`), or None when it can:
         eval calls can unless their inference form steps through a pre module; training calls unless their
         streams pass through a pre module, a block reads state from outside it, they plan sublayers at run
-        time, run forwards of the ``kernels`` package, or draw random numbers a compiled recompute could not
+        time, run kernelized forwards of the ``kernels`` package, or draw random numbers a compiled recompute could not
         replay."""
         if self.unconverted:
             return None
@@ -218,10 +217,11 @@ class ChainRuntime:
                     "it, which the compiled recompute cannot take as a parameter")
         if self.config.granularity != "block":
             return "granularity='sublayer' plans its steps from exports at run time"
-        if self.untraceable:
-            return (f"module '{self.untraceable[0]}' has its forward wrapped by the `kernels` package (Hugging Face "
-                    "hub kernels), which picks another implementation under torch.compile and sets a global "
-                    "that dynamo cannot trace inside a backward recompute")
+        kernelized_now = [path for path, module in self.kernel_wrapped if kernelized(module)]
+        if kernelized_now:
+            return (f"module '{kernelized_now[0]}' was kernelized (the `kernels` package, Hugging Face hub kernels): "
+                    "its wrapper sets a global under torch.compile, which dynamo cannot trace inside a backward "
+                    "recompute")
         random = [p for p, r in zip(self.block_paths, self.random_blocks) if r]
         if random:
             return (f"block '{random[0]}' draws random numbers in training (dropout): a compiled recompute cannot "
@@ -456,19 +456,6 @@ class BDIAChain(nn.Module):
     def extra_repr(self) -> str:
         steps = sum(len(b.steps) for b in self.plan.blocks)
         return f"chain '{self.plan.container}': {len(self.plan.blocks)} blocks, {steps} steps"
-
-
-def _untraceable_forwards(block_paths: tuple[str, ...], blocks: list[nn.Module]) -> list[str]:
-    """Submodules of the blocks whose forward is defined in the ``kernels`` package (Hugging Face hub
-    kernels wrap forwards with ``functools.wraps``, so only the code's file tells): a compiled backward
-    cannot replay them as the compiled forward ran."""
-    kernels = sys.modules.get("kernels")
-    if getattr(kernels, "__file__", None) is None:
-        return []
-    package = os.path.dirname(kernels.__file__) + os.sep
-    return [f"{path}.{name}" if name else path for path, block in zip(block_paths, blocks)
-            for name, module in block.named_modules()
-            if getattr(getattr(type(module).forward, "__code__", None), "co_filename", "").startswith(package)]
 
 
 def _same_stream(x: torch.Tensor, out: torch.Tensor) -> bool:

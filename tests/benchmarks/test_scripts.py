@@ -60,15 +60,16 @@ def test_profile_step_groups_operators_by_kind(tmp_path, options):
     assert any(r["kind"] == "fixed point" and r["calls_bdia"] > r["calls_base"] for r in result["rows"])
 
 
-def test_compile_benchmark_traces_gpt2_whole_and_saves_less_than_checkpointing(tmp_path):
+def test_compile_benchmark_traces_gpt2_and_llama_whole_and_saves_less_than_checkpointing(tmp_path):
     out = tmp_path / "compile.json"
     _run("benchmarks/compile.py", "--families", "gpt2,llama", "--layers", "2", "--width", "64", "--batch", "2",
          "--seq", "16", "--steps", "1", "--backend", "aot_eager", "--json", str(out))
     rows = {(r["family"], r["method"]): r for r in json.loads(out.read_text())["rows"]}
-    assert len(rows) == 12 and rows[("gpt2", "bdia compiled")]["graph_breaks"] == 0
-    assert rows[("gpt2", "bdia compiled")]["saved_bytes"] <= 1.1 * rows[("gpt2", "bdia eager")]["saved_bytes"]
-    assert rows[("gpt2", "checkpoint compiled")]["vs_checkpoint_compiled"] == 1.0
-    for family in ("gpt2", "llama"):
+    assert len(rows) == 12
+    for family in ("gpt2", "llama"):  # Llama's hub-kernel attention forward included
+        assert rows[(family, "bdia compiled")]["graph_breaks"] == 0
+        assert rows[(family, "bdia compiled")]["saved_bytes"] <= 1.1 * rows[(family, "bdia eager")]["saved_bytes"]
+        assert rows[(family, "checkpoint compiled")]["vs_checkpoint_compiled"] == 1.0
         assert rows[(family, "bdia eager")]["saved_bytes"] < rows[(family, "plain eager")]["saved_bytes"]
 
 
