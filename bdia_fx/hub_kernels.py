@@ -8,8 +8,9 @@ dynamo refuses inside an autograd backward, where the reversible chain recompute
 ``kernels.kernelize`` picks a hub kernel for one of the module's functions, the wrapper calls exactly
 the function it wraps, with the module's functions as they are. So a block's wrapped submodule gets an
 instance ``forward`` (:class:`UnwrappedForward`, the class kept) that under compile calls the wrapped
-function and eagerly the wrapper itself; a kernelized module keeps the chain behind its compile
-boundary (:meth:`bdia_fx.run.runtime.ChainRuntime.compile_blocker`).
+function while the module is not kernelized, and otherwise (eagerly too) the wrapper itself; a training
+chain with a kernelized module stays behind its compile boundary
+(:meth:`bdia_fx.run.runtime.ChainRuntime.compile_blocker`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def kernel_wrapped(module: nn.Module) -> bool:
         return False
     forward = type(module).forward
     filename = getattr(getattr(forward, "__code__", None), "co_filename", "")
-    return filename.startswith(os.path.dirname(kernels.__file__) + os.sep)
+    return filename.startswith(os.path.dirname(kernels.__file__) + os.sep) and hasattr(forward, "__wrapped__")
 
 
 def kernelized(module: nn.Module) -> bool:
@@ -47,7 +48,8 @@ def kernelized(module: nn.Module) -> bool:
 
 class UnwrappedForward:
     """A kernel-wrapped module's ``forward`` (Note: [hub kernel forwards]): the wrapped function under
-    ``torch.compile``, the wrapper eagerly. An instance attribute; it pickles."""
+    ``torch.compile`` while the module is not kernelized, else (and eagerly) the wrapper. An instance attribute;
+    it pickles."""
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -58,7 +60,7 @@ class UnwrappedForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         forward = type(self.module).forward
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and not kernelized(self.module):
             forward = forward.__wrapped__
         return forward(self.module, *args, **kwargs)
 
@@ -66,8 +68,7 @@ class UnwrappedForward:
 def named_kernel_wrapped(paths: Sequence[str], blocks: Sequence[nn.Module]) -> list[tuple[str, nn.Module]]:
     """The kernel-wrapped submodules of ``blocks`` (whose module paths are ``paths``), with their paths."""
     return [(f"{path}.{name}" if name else path, module) for path, block in zip(paths, blocks)
-            for name, module in block.named_modules()
-            if kernel_wrapped(module) and hasattr(type(module).forward, "__wrapped__")]
+            for name, module in block.named_modules() if kernel_wrapped(module)]
 
 
 def unwrap_kernel_forwards(modules: Iterable[nn.Module]) -> None:
@@ -77,8 +78,8 @@ def unwrap_kernel_forwards(modules: Iterable[nn.Module]) -> None:
             module.__dict__["forward"] = UnwrappedForward(module)
 
 
-def remove_unwrapped(model: nn.Module) -> None:
-    """Take every :class:`UnwrappedForward` off ``model``'s modules (the model as the user wrote it)."""
-    for module in model.modules():
+def remove_unwrapped(modules: Iterable[nn.Module]) -> None:
+    """Take the :class:`UnwrappedForward` off these ``modules`` (each as the user wrote it)."""
+    for module in modules:
         if isinstance(module.__dict__.get("forward"), UnwrappedForward):
             del module.__dict__["forward"]

@@ -58,11 +58,11 @@ def revert(model: nn.Module, quantize: bool = False) -> nn.Module:
     if state.plan is not None and all(s.traceable_inference(quantize) for s in schemes.values()):
         graph = revert_chains(state.graph, state.plan, quantize, state.config.frac_bits, schemes)
     detach_state(clone)
-    remove_unwrapped(clone)
     modules = dict(clone.named_modules())
     path_of = {id(module): name for name, module in model.named_modules()}
     for runtime in state.runtimes.values():
         remove_boundary(modules[runtime.container.rpartition(".")[0]])
+        remove_unwrapped(modules[path] for path, _ in runtime.kernel_wrapped)
         original = not quantize and runtime.scheme.original_at_inference  # the blocks as they were
         form = runtime.form.with_quantize(quantize)
         for index, path in enumerate(runtime.block_paths):

@@ -60,15 +60,43 @@ def test_every_copy_calls_its_own_module(converted, how):
         assert torch.equal(copied.eval()(ids, use_cache=False).logits, conv.eval()(ids, use_cache=False).logits)
 
 
-def test_eagerly_the_wrapper_runs_and_kernelized_means_another_forward_chosen(converted):
+def _kernelize(attention):
+    """What kernels.kernelize does to one of the module's kernel functions: another forward chosen for it."""
+    func = next(iter(attention._kernel_funcs.values()))
+    func.forward = types.MethodType(lambda self, *a, **k: type(self).forward(self, *a, **k), func)
+    return func
+
+
+def test_kernelized_means_another_forward_chosen_for_a_kernel_function(converted):
     _, conv, _ = converted
     attention = conv.model.layers[0].self_attn
     assert not kernelized(attention)
-    func = next(iter(attention._kernel_funcs.values()))
-    func.forward = types.MethodType(lambda self, *a, **k: type(self).forward(self, *a, **k), func)
+    func = _kernelize(attention)
     try:
         assert kernelized(attention)
     finally:
         del func.forward
     assert not kernelized(attention)
     assert kernelized(torch.nn.Linear(2, 2))  # a module without the wrapper's table is never bypassed
+
+
+def test_the_wrapped_function_runs_only_under_compile_and_while_not_kernelized(converted, monkeypatch):
+    _, conv, _ = converted
+    attention = conv.model.layers[0].self_attn
+    seen = []
+
+    def wrapper(self, *args, **kwargs):
+        seen.append("wrapper")
+
+    wrapper.__wrapped__ = lambda self, *args, **kwargs: seen.append("wrapped")
+    monkeypatch.setattr(type(attention), "forward", wrapper)
+    forward = vars(attention)["forward"]
+    forward()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    forward()
+    func = _kernelize(attention)
+    try:
+        forward()
+    finally:
+        del func.forward
+    assert seen == ["wrapper", "wrapped", "wrapper"]
